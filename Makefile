@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ROOT ?= demo-root
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench serve stop clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+
+# Reinstall only when the dependency list changes; constraints.txt pins the versions known to work.
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/dumo demo --root $(ROOT)
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/step_cost.py
+
+# Local Prefect server + process work pool + deployments + one worker (see README).
+serve: install
+	$(PY) -m flows.serve start
+
+stop:
+	$(PY) -m flows.serve stop
+
+clean:
+	rm -rf $(ROOT) .pytest_cache .ruff_cache

@@ -1,0 +1,267 @@
+"""Training objectives on one shared backbone: ``dumo``, ``meanflow`` and ``flow_matching``.
+
+Notation of ALGORITHM.md: x data, e noise, x_t = (1 - t) x + t e, v = e - x, flow map u(x_t, t, r) with
+x_r = x_t - (t - r) u. MeanFlow identity: u = v - (t - r) d/dt u, the total derivative taken along the
+tangent (dx_t/dt, dt/dt, dr/dt) = (v, 1, 0).
+
+DuMo (arXiv 2602.17682; objective as written in arXiv 2604.20796 eq. 8) trains both heads on every sample:
+    L = lambda_v ||v_theta(x_t, t) - v_tgt||^2 + lambda_u ||u_theta(x_t, t, r) - sg(u_tgt)||^2,
+    u_tgt = v_tgt - (t - r) d/dt u_theta(x_t, t, r).
+Every default below is a choice of the lineage (MeanFlow, UCGM), not a value the DuMo paper states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+ObjectiveName = Literal["dumo", "meanflow", "flow_matching"]
+Derivative = Literal["finite_difference", "jvp"]
+VelocityInTarget = Literal["ground_truth", "head"]
+Weighting = Literal["none", "adaptive", "pseudo_huber"]
+Reduction = Literal["sum", "mean"]
+
+# A flow map as a function of (x_t, t, r) -> u, with any labels already bound.
+FlowMap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: ObjectiveName = "dumo"
+    derivative: Derivative = "finite_difference"
+    fd_eps: float = 0.005
+    velocity_in_target: VelocityInTarget = "ground_truth"
+    clamp_derivative: bool = False  # clamp (t - r) du/dt to [-1, 1]
+    weighting: Weighting = "adaptive"
+    adaptive_p: float = 1.0
+    adaptive_c: float = 1e-2  # also the c of pseudo_huber
+    reduction: Reduction = "sum"  # per-sample squared error summed (lineage) or averaged over elements
+    lambda_v: float = 1.0
+    lambda_u: float = 1.0
+    time_mu: float = -0.4  # t = sigmoid(N(time_mu, time_sigma^2))
+    time_sigma: float = 1.0
+    meanflow_equal_fraction: float = 0.75  # meanflow only: share of samples with r = t
+    label_dropout: float = 0.1
+    guidance_omega: float = 1.0  # omega = 1, kappa = 0: training-time guidance off
+    guidance_kappa: float = 0.0
+    guidance_t_max: float = 0.75
+
+    def __post_init__(self) -> None:
+        if self.fd_eps <= 0 or self.fd_eps >= 0.5:
+            raise ValueError(f"fd_eps must be in (0, 0.5), got {self.fd_eps}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0 <= self.meanflow_equal_fraction <= 1:
+            raise ValueError(f"meanflow_equal_fraction must be in [0, 1], got {self.meanflow_equal_fraction}")
+        if self.velocity_in_target == "head" and self.name != "dumo":
+            raise ValueError("velocity_in_target='head' needs the v head of the dual model (name='dumo')")
+
+    @property
+    def guidance_on(self) -> bool:
+        return self.guidance_omega != 1.0 or self.guidance_kappa != 0.0
+
+
+def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return s.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def finite_difference_dudt(
+    u_fn: FlowMap, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Central difference of u along (w, 1, 0); times clamped to [0, 1]; both points in one batch."""
+    t_plus, t_minus = (t + eps).clamp(max=1.0), (t - eps).clamp(min=0.0)
+    x_plus = x_t + _bcast(t_plus - t, x_t) * w
+    x_minus = x_t + _bcast(t_minus - t, x_t) * w
+    u_both = u_fn(torch.cat([x_plus, x_minus]), torch.cat([t_plus, t_minus]), torch.cat([r, r]))
+    u_plus, u_minus = u_both.chunk(2)
+    return (u_plus - u_minus) / _bcast(t_plus - t_minus, x_t)
+
+
+def jvp_dudt(
+    u_fn: FlowMap, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, du/dt) by forward-mode AD with tangent (w, 1, 0) (MeanFlow's way)."""
+    return torch.func.jvp(u_fn, (x_t, t, r), (w, torch.ones_like(t), torch.zeros_like(r)))
+
+
+def u_target(
+    u_fn: FlowMap,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    derivative: Derivative = "finite_difference",
+    eps: float = 0.005,
+    clamp: bool = False,
+) -> torch.Tensor:
+    """The MeanFlow-identity target u_tgt = w - (t - r) d/dt u(x_t, t, r), without gradient.
+    Fed the exact flow map and the exact marginal velocity w, it returns the exact flow map."""
+    with torch.no_grad():
+        if derivative == "jvp":
+            _, dudt = jvp_dudt(u_fn, x_t, t, r, w)
+        else:
+            dudt = finite_difference_dudt(u_fn, x_t, t, r, w, eps)
+        term = _bcast(t - r, x_t) * dudt
+        if clamp:
+            term = term.clamp(-1.0, 1.0)
+        return (w - term).detach()
+
+
+def flow_map(net, y: torch.Tensor) -> FlowMap:
+    """The u head as a function of (x_t, t, r), labels bound; a batch k times larger than y (the two
+    points of a central difference) gets y repeated k times."""
+    return lambda xx, tt, rr: net(xx, tt, rr, y.repeat(xx.shape[0] // y.shape[0]), heads=("u",)).u
+
+
+class Objective:
+    """Owns noise, time sampling, label dropout, guidance targets and weighting. Call it with the model
+    (a DualHeadDiT, or a wrapper whose ``.module`` is one), clean latents x (N, C, H, W) and labels y (N,).
+    Returns named terms: ``loss`` (to backpropagate), ``loss_v``, ``loss_u`` (unweighted per-sample
+    squared error, batch mean, detached: for logs)."""
+
+    def __init__(self, cfg: ObjectiveConfig, num_classes: int):
+        self.cfg, self.null_class = cfg, num_classes
+
+    # -- sampling of the training problem -------------------------------------------------------
+    def sample_times(
+        self, n: int, device: torch.device, r_zero: bool, gen: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        t = torch.sigmoid(cfg.time_mu + cfg.time_sigma * torch.randn(n, device=device, generator=gen))
+        if cfg.name == "flow_matching":
+            r = t.clone()
+        elif r_zero:
+            r = torch.zeros_like(t)
+        else:
+            r = t * torch.rand(n, device=device, generator=gen)  # r < t for every sample: no split
+            if cfg.name == "meanflow":
+                equal = torch.rand(n, device=device, generator=gen) < cfg.meanflow_equal_fraction
+                r = torch.where(equal, t, r)
+        return t, r
+
+    def drop_labels(self, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if self.cfg.label_dropout == 0:
+            return y
+        drop = torch.rand(y.shape[0], device=y.device, generator=gen) < self.cfg.label_dropout
+        return torch.where(drop, torch.full_like(y, self.null_class), y)
+
+    def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        sq = (pred.float() - target.float()).pow(2).flatten(1)
+        return sq.sum(1) if self.cfg.reduction == "sum" else sq.mean(1)  # (N,)
+
+    def weight(self, loss: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.weighting == "adaptive":  # MeanFlow: loss / sg(loss + c)^p
+            return loss / (loss.detach() + cfg.adaptive_c).pow(cfg.adaptive_p)
+        if cfg.weighting == "pseudo_huber":
+            return (loss + cfg.adaptive_c**2).sqrt() - cfg.adaptive_c
+        return loss
+
+    # -- the loss -------------------------------------------------------------------------------
+    def __call__(
+        self, model, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        net = getattr(model, "module", model)  # unwrap DeepSpeed/DDP for jvp and the config
+        n = x.shape[0]
+        x = x.float()
+        e = torch.randn(x.shape, device=x.device, generator=gen)
+        t, r = self.sample_times(n, x.device, net.cfg.r_input == "zero", gen)
+        x_t = (1 - _bcast(t, x)) * x + _bcast(t, x) * e
+        v = e - x
+        y_in = self.drop_labels(y, gen)
+
+        if cfg.name != "flow_matching" and cfg.derivative == "jvp":
+            return self.jvp_loss(net, x_t, t, r, y_in, v)
+
+        out = model(x_t, t, r, y_in)
+        if cfg.name == "flow_matching":
+            v_tgt = self.velocity_target(net, x_t, t, r, y_in, v, out.v.detach())
+            return self.combine(out.v, v_tgt, None, None)
+        if cfg.name == "dumo":
+            v_tgt = self.velocity_target(net, x_t, t, r, y_in, v, out.v.detach())
+            w = out.v.detach() if cfg.velocity_in_target == "head" else v_tgt
+            return self.combine(out.v, v_tgt, out.u, self.u_target_subset(net, y_in, x_t, t, r, w))
+        # meanflow: one u head, whose velocity is u(x_t, t, t).
+        v_tgt = self.velocity_target(net, x_t, t, t, y_in, v, self.meanflow_velocity(net, x_t, t, y_in))
+        return self.combine(None, None, out.u, self.u_target_subset(net, y_in, x_t, t, r, v_tgt))
+
+    def meanflow_velocity(self, net, x_t, t, y_in) -> torch.Tensor | None:
+        if not self.cfg.guidance_on:
+            return None
+        with torch.no_grad():
+            return net(x_t, t, t, y_in, heads=("u",)).u
+
+    def jvp_loss(self, net, x_t, t, r, y_in, v) -> dict[str, torch.Tensor]:
+        """One forward-mode call, with gradient, gives the heads and du/dt along (w, 1, 0) (MeanFlow's
+        way). Runs on the unwrapped network with math attention (fused SDPA has no forward-mode AD)."""
+        cfg = self.cfg
+        dumo = cfg.name == "dumo"
+        v_tgt = w = v
+        if cfg.guidance_on or cfg.velocity_in_target == "head":  # the tangent needs these first
+            with torch.no_grad():
+                v_head = net(x_t, t, r, y_in, heads=("v",)).v if dumo else None
+            v_cond = v_head if dumo else self.meanflow_velocity(net, x_t, t, y_in)
+            v_tgt = self.velocity_target(net, x_t, t, r if dumo else t, y_in, v, v_cond)
+            w = v_head if cfg.velocity_in_target == "head" else v_tgt
+        heads = ("v", "u") if dumo else ("u",)
+        fn = lambda xx, tt, rr: tuple(o for o in net(xx, tt, rr, y_in, heads=heads) if o is not None)
+        with net.attention_impl("math"):
+            outs, tangents = torch.func.jvp(fn, (x_t, t, r), (w, torch.ones_like(t), torch.zeros_like(r)))
+        term = _bcast(t - r, x_t) * tangents[-1].detach()
+        u_tgt = (w - (term.clamp(-1, 1) if cfg.clamp_derivative else term)).detach()
+        return self.combine(outs[0] if dumo else None, v_tgt if dumo else None, outs[-1], u_tgt)
+
+    def u_target_subset(self, net, y_in, x_t, t, r, w) -> torch.Tensor:
+        """Finite-difference u-target, computed only where t > r (elsewhere the derivative term is
+        multiplied by zero and u_tgt = w exactly): this saves meanflow 75% of its extra forward."""
+        gap = t > r
+        u_tgt = w.detach().clone()
+        if gap.any():
+            idx = gap.nonzero().squeeze(1)
+            u_tgt[idx] = u_target(
+                flow_map(net, y_in[idx]),
+                x_t[idx],
+                t[idx],
+                r[idx],
+                w[idx],
+                "finite_difference",
+                self.cfg.fd_eps,
+                self.cfg.clamp_derivative,
+            )
+        return u_tgt
+
+    def velocity_target(self, net, x_t, t, r, y_in, v, v_cond) -> torch.Tensor:
+        """v, or with training-time guidance (t <= t_max, label kept):
+        omega v + kappa sg(v_theta(.|y)) + (1 - omega - kappa) sg(v_theta(.|null))."""
+        cfg = self.cfg
+        if not cfg.guidance_on:
+            return v
+        use = (t <= cfg.guidance_t_max) & (y_in != self.null_class)
+        if not use.any():
+            return v
+        null = torch.full_like(y_in, self.null_class)
+        with torch.no_grad():
+            out = net(x_t, t, r, null, heads=("v",) if net.head_v is not None else ("u",))
+            v_null = out.v if out.v is not None else out.u
+        guided = cfg.guidance_omega * v + cfg.guidance_kappa * v_cond
+        guided = guided + (1 - cfg.guidance_omega - cfg.guidance_kappa) * v_null
+        return torch.where(_bcast(use, v), guided.detach(), v)
+
+    def combine(self, v_pred, v_tgt, u_pred, u_tgt) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        terms: dict[str, torch.Tensor] = {}
+        total = 0.0
+        if v_pred is not None:
+            loss_v = self.per_sample(v_pred, v_tgt)
+            total = total + cfg.lambda_v * self.weight(loss_v).mean()
+            terms["loss_v"] = loss_v.mean().detach()
+        if u_pred is not None:
+            loss_u = self.per_sample(u_pred, u_tgt)
+            total = total + cfg.lambda_u * self.weight(loss_u).mean()
+            terms["loss_u"] = loss_u.mean().detach()
+        terms["loss"] = total
+        return terms

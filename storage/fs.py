@@ -1,0 +1,156 @@
+"""Where bytes live: fsspec URLs for a local path, ``file://``, ``s3://`` and ``memory://``.
+
+S3 goes through s3fs. The endpoint comes from ``DUMO_S3_ENDPOINT_URL`` (or the standard
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``); credentials come from the environment or the standard
+AWS config files and are never taken as parameters, logged or written into artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+ENDPOINT_ENV_VARS = ("DUMO_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL from the environment, or None for AWS itself."""
+    for name in ENDPOINT_ENV_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: auto_mkdir for local files, the endpoint for S3. No secrets."""
+    protocol = protocol_of(url)
+    if protocol == "s3":
+        opts: dict[str, Any] = {}
+        endpoint = s3_endpoint()
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    if protocol == "file":
+        return {"auto_mkdir": True}
+    return {}
+
+
+def protocol_of(url: str) -> str:
+    """'file' for plain paths and file:// URLs, else the URL scheme ('s3', 'memory', ...)."""
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0]
+
+
+def normalize(url: str) -> str:
+    """A canonical URL: plain paths become absolute ``file://`` paths; no trailing slash."""
+    url = str(url)
+    if protocol_of(url) == "file":
+        path = url[len("file://") :] if url.startswith("file://") else url
+        return "file://" + os.path.abspath(os.path.expanduser(path))
+    return url.rstrip("/")
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with '/', the one way paths are built in the project."""
+    out = str(url).rstrip("/")
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(normalize(url), **storage_options(url))
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) == "file"
+
+
+def local_path(url: str) -> str:
+    """The OS path of a local URL; a clear error for remote ones."""
+    if not is_local(url):
+        raise ValueError(f"{url!r} is not a local path")
+    fs, path = filesystem(url)
+    assert isinstance(fs, LocalFileSystem)
+    return path
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole object. On local disks it goes to a temporary name first, then is renamed, so a
+    reader never sees half a file; object stores give that guarantee for single PUTs themselves."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def listdir(url: str) -> list[str]:
+    """Names (not paths) directly under ``url``; empty when it does not exist."""
+    fs, path = filesystem(url)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True) if fs.protocol != "file" else fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.basename(str(e).rstrip("/")) for e in entries)
+
+
+def remove(url: str, recursive: bool = True) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def upload_dir(local_dir: str, url: str) -> None:
+    """Copy a local directory tree to ``url`` (any filesystem)."""
+    fs, path = filesystem(url)
+    for dirpath, _, files in os.walk(local_dir):
+        rel = os.path.relpath(dirpath, local_dir)
+        for name in files:
+            src = os.path.join(dirpath, name)
+            dst = path + "/" + (name if rel == "." else f"{rel}/{name}")
+            fs.put_file(src, dst)
+
+
+def download_dir(url: str, local_dir: str) -> None:
+    """Copy the tree under ``url`` into ``local_dir``."""
+    fs, path = filesystem(url)
+    prefix = path.rstrip("/") + "/"
+    for remote in fs.find(path):
+        rel = remote[len(prefix) :] if remote.startswith(prefix) else os.path.basename(remote)
+        dst = os.path.join(local_dir, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        fs.get_file(remote, dst)

@@ -1,0 +1,210 @@
+"""Typed pipeline configuration: YAML presets in configs/ plus ``key=value`` overrides, validated before
+any work starts, resolved once and written into the run directory.
+
+The objective and sampler sections are the model library's own dataclasses (validated by pydantic), so
+no option exists in two places. This module imports no Prefect: the training ranks import it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dumo_model.dit import model_config
+from dumo_model.objectives import ObjectiveConfig
+from dumo_model.samplers import SamplerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+HEADS_OF_OBJECTIVE = {"dumo": "dual", "meanflow": "u", "flow_matching": "v"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Where images come from and how they become a latent store."""
+
+    # A class-folder image tree URL (ImageNet's train/<wnid>/*.JPEG); "builtin:digits" writes the 1,797
+    # scikit-learn digits under <root>/images/digits first.
+    source: str = "builtin:digits"
+    store_name: str = "digits-8"
+    autoencoder: Literal["pixels", "sd-vae"] = "pixels"
+    vae: str | None = None  # local directory or hub id of the SD-VAE
+    resolution: int = Field(8, ge=2)
+    upscale: int = Field(1, ge=1)  # builtin:digits only: integer upscale of the 8x8 images
+    shard_size: int = Field(256, ge=1)
+    latent_dtype: Literal["float16", "float32"] = "float32"
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    workers: int | None = Field(None, ge=1)  # Dask workers of the LocalCluster; None = sized to the machine
+    dask_address: str | None = None  # an existing Dask scheduler instead of a LocalCluster
+    in_memory: Literal["auto", True, False] = "auto"  # reader keeps the whole store in memory
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.autoencoder == "sd-vae" and not self.vae:
+            raise ValueError("data.autoencoder 'sd-vae' needs data.vae (a local directory or a hub id)")
+        return self
+
+
+class ModelSection(BaseModel):
+    """A preset name plus overrides of any DiTConfig field (hidden_size, depth, patch_size, r_input,
+    time_scale, attention, grad_checkpointing, ...). input_size, in_channels and num_classes come from
+    the latent store; heads come from the objective."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    preset: str = "debug"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        model_config(self.preset, **self.overrides)  # raises on an unknown preset or field
+        for derived in ("heads", "input_size", "in_channels", "num_classes"):
+            if derived in self.overrides:
+                raise ValueError(f"model.{derived} is derived (from the objective or the latent store); remove it")
+        return self
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(Section):
+    num_steps: int = Field(600, ge=1)
+    batch_size_global: int = Field(128, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)  # per rank; None = global / (accumulation x ranks)
+    grad_accum_steps: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1)  # ranks per node
+    num_nodes: int = Field(1, ge=1)
+    hostfile: str | None = None  # multi-node through the deepspeed launcher
+    launcher: Literal["auto", "inline", "torchrun", "deepspeed"] = "auto"
+    device: Literal["cpu", "cuda"] = "cpu"
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    keep_last: int = Field(3, ge=1)
+    keep_every: int | None = Field(None, ge=1)  # also keep every M-th step
+    log_every: int = Field(10, ge=1)
+    torch_threads: int | None = Field(None, ge=1)  # per rank on CPU; None = cores / ranks
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_nodes
+
+    @property
+    def micro_batch(self) -> int:
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        return self.batch_size_global // (self.grad_accum_steps * self.world_size)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        micro, acc, world = self.micro_batch, self.grad_accum_steps, self.world_size
+        if micro < 1 or micro * acc * world != self.batch_size_global:
+            raise ValueError(
+                f"global batch {self.batch_size_global} != micro {micro} x accumulation {acc} x world {world}"
+                f" ({self.num_processes} processes x {self.num_nodes} nodes) = {micro * acc * world}"
+            )
+        if self.num_nodes > 1 and not self.hostfile:
+            raise ValueError(f"train.num_nodes={self.num_nodes} needs train.hostfile for the deepspeed launcher")
+        if self.precision == "bf16" and self.device == "cpu" and self.zero_stage == 3:
+            raise ValueError("bf16 with ZeRO-3 on the CPU is not supported; use fp32 or ZeRO 0-2")
+        return self
+
+
+class EvalConfig(Section):
+    """The evaluation protocol. Its name keys the cache together with the checkpoint digest."""
+
+    protocol: str = "default"
+    samplers: tuple[SamplerConfig, ...] = (SamplerConfig("one_step"), SamplerConfig("two_step"))
+    num_samples: int = Field(1000, ge=1)  # balanced over classes
+    batch_size: int = Field(250, ge=1)
+    feature_extractor: Literal["classifier", "inception-v3-compat"] = "classifier"
+    inception_weights: str | None = None  # path of pt_inception-2015-12-05 weights for inception-v3-compat
+    reference_npz: str | None = None  # ADM-style npz with mu and sigma (e.g. VIRTUAL_imagenet256_labeled.npz)
+    seed: int = 0
+    every_checkpoints: int | None = Field(None, ge=1)  # inline evaluation during training (no server)
+
+    @field_validator("samplers", mode="before")
+    @classmethod
+    def _samplers(cls, v: Any) -> Any:
+        # Allow the short form ["one_step", "two_step"] beside full mappings.
+        if isinstance(v, list | tuple):
+            return [{"name": s} if isinstance(s, str) else s for s in v]
+        return v
+
+
+class PipelineConfig(Section):
+    name: str = "demo"  # run name: runs/<name>/
+    root: str = "demo-root"  # local path, file://, s3://bucket/prefix, memory://
+    data: DataConfig = DataConfig()
+    model: ModelSection = ModelSection()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError(f"run name {v!r} must be non-empty, without '/', not starting with '.'")
+        return v
+
+    @property
+    def heads(self) -> str:
+        return HEADS_OF_OBJECTIVE[self.objective.name]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a preset in configs/ (``demo`` -> configs/demo.yaml)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no config file {name_or_path!r} and no preset of that name; presets: {known}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a preset or YAML file (or start from ``base``), apply overrides, validate."""
+    data: dict[str, Any] = dict(base or {})
+    if name_or_path is not None:
+        data = yaml.safe_load(resolve_path(name_or_path).read_text()) or {}
+    return PipelineConfig.model_validate(apply_overrides(data, overrides))
+
+
+def config_from_yaml_text(text: str) -> PipelineConfig:
+    """Re-read a resolved config (as written into a run directory)."""
+    return PipelineConfig.model_validate(yaml.safe_load(text))
