@@ -6,6 +6,15 @@ from dumo_model.objectives import Objective, ObjectiveConfig
 from dumo_model.samplers import SamplerConfig, sample
 
 __all__ = [
-    "PRESETS", "DiTConfig", "DualHeadDiT", "DualOutput", "build_model", "model_config", "EMA",
-    "Objective", "ObjectiveConfig", "SamplerConfig", "sample",
+    "PRESETS",
+    "DiTConfig",
+    "DualHeadDiT",
+    "DualOutput",
+    "build_model",
+    "model_config",
+    "EMA",
+    "Objective",
+    "ObjectiveConfig",
+    "SamplerConfig",
+    "sample",
 ]

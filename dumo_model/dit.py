@@ -110,9 +110,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, scale: float, freq_dim: int = 256):
         super().__init__()
         self.scale, self.freq_dim = scale, freq_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         feats = timestep_features(t, self.freq_dim, self.scale)

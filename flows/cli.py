@@ -13,7 +13,8 @@ COMMAND_MODULES = (
     "flows.cli_model",  # model-info
     "flows.cli_data",  # make-digits, build-latents
     "flows.cli_train",  # train
-    "flows.cli_eval",  # evaluate, run, demo, compare
+    "flows.cli_eval",  # evaluate
+    "flows.cli_pipeline",  # run, demo, compare
 )
 
 

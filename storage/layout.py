@@ -1,12 +1,12 @@
 """The run layout: every path of the project is built here, on one root URL.
 
-    <root>/latents/<name>.zarr                           latent store (see docs/latent-store.md)
-    <root>/runs/<run>/config.yaml                        resolved config
-    <root>/runs/<run>/checkpoints/step-XXXXXXX/          DeepSpeed state, EMA safetensors, COMMITTED marker
-    <root>/runs/<run>/evals/step-XXXXXXX/<protocol>/     metrics.json, grid.png, samples.npz
-    <root>/references/<key>/                             reference statistics and feature extractors
-    <root>/cache/results/                                Prefect persisted task results (shared by a cluster)
-    <root>/images/<name>/                                image trees written by the project (demo digits)
+<root>/latents/<name>.zarr                           latent store (see docs/latent-store.md)
+<root>/runs/<run>/config.yaml                        resolved config
+<root>/runs/<run>/checkpoints/step-XXXXXXX/          DeepSpeed state, EMA safetensors, COMMITTED marker
+<root>/runs/<run>/evals/step-XXXXXXX/<protocol>/     metrics.json, grid.png, samples.npz
+<root>/references/<key>/                             reference statistics and feature extractors
+<root>/cache/results/                                Prefect persisted task results (shared by a cluster)
+<root>/images/<name>/                                image trees written by the project (demo digits)
 """
 
 from __future__ import annotations
@@ -118,3 +118,12 @@ def run_of_checkpoint(checkpoint_url: str) -> tuple[Root, str, int]:
     if step is None:
         raise ValueError(f"not a checkpoint directory name: {parts[-1]!r} in {url}")
     return Root("/".join(parts[:-4])), parts[-3], step
+
+
+def root_of_latent_store(store_url: str) -> Root:
+    """The root a latent store belongs to: ``<root>`` for ``<root>/latents/<name>.zarr``; for a store placed
+    anywhere else, the folder that holds it (so its Prefect result cache still lives beside it)."""
+    parts = normalize(store_url).split("/")
+    if len(parts) >= 3 and parts[-2] == "latents" and parts[-1].endswith(".zarr"):
+        return Root("/".join(parts[:-2]))
+    return Root("/".join(parts[:-1]))

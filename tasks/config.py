@@ -196,8 +196,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return out
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict[str, Any] | None = None) -> PipelineConfig:
+def load_config(
+    name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict[str, Any] | None = None
+) -> PipelineConfig:
     """Read a preset or YAML file (or start from ``base``), apply overrides, validate."""
     data: dict[str, Any] = dict(base or {})
     if name_or_path is not None:
