@@ -20,6 +20,7 @@ import torch
 
 ObjectiveName = Literal["dumo", "meanflow", "flow_matching"]
 Derivative = Literal["finite_difference", "jvp"]
+FDScheme = Literal["central", "forward"]
 VelocityInTarget = Literal["ground_truth", "head"]
 Weighting = Literal["none", "adaptive", "pseudo_huber"]
 Reduction = Literal["sum", "mean"]
@@ -33,6 +34,9 @@ class ObjectiveConfig:
     name: ObjectiveName = "dumo"
     derivative: Derivative = "finite_difference"
     fd_eps: float = 0.005
+    # central: [u(t + eps) - u(t - eps)] / 2 eps, two extra no-grad points (ALGORITHM.md's default);
+    # forward: [u(t + eps) - u(t)] / eps reusing the trained pass's u(t): one extra point, O(eps) error.
+    fd_scheme: FDScheme = "central"
     velocity_in_target: VelocityInTarget = "ground_truth"
     clamp_derivative: bool = False  # clamp (t - r) du/dt to [-1, 1]
     weighting: Weighting = "adaptive"
@@ -69,9 +73,21 @@ def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def finite_difference_dudt(
-    u_fn: FlowMap, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float
+    u_fn: FlowMap,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    eps: float,
+    u_here: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Central difference of u along (w, 1, 0); times clamped to [0, 1]; both points in one batch."""
+    """du/dt along (w, 1, 0) by finite difference, times clamped to [0, 1]. Without ``u_here``: central,
+    both points in one batched forward. With ``u_here`` = u(x_t, t, r) already computed: one-sided, one
+    extra forward (a step backwards where t + eps would pass 1)."""
+    if u_here is not None:
+        t_other = torch.where(t + eps <= 1.0, t + eps, t - eps)
+        x_other = x_t + _bcast(t_other - t, x_t) * w
+        return (u_fn(x_other, t_other, r) - u_here) / _bcast(t_other - t, x_t)
     t_plus, t_minus = (t + eps).clamp(max=1.0), (t - eps).clamp(min=0.0)
     x_plus = x_t + _bcast(t_plus - t, x_t) * w
     x_minus = x_t + _bcast(t_minus - t, x_t) * w
@@ -96,14 +112,16 @@ def u_target(
     derivative: Derivative = "finite_difference",
     eps: float = 0.005,
     clamp: bool = False,
+    u_here: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MeanFlow-identity target u_tgt = w - (t - r) d/dt u(x_t, t, r), without gradient.
-    Fed the exact flow map and the exact marginal velocity w, it returns the exact flow map."""
+    Fed the exact flow map and the exact marginal velocity w, it returns the exact flow map.
+    ``u_here`` (u at the point itself) switches the finite difference to one-sided."""
     with torch.no_grad():
         if derivative == "jvp":
             _, dudt = jvp_dudt(u_fn, x_t, t, r, w)
         else:
-            dudt = finite_difference_dudt(u_fn, x_t, t, r, w, eps)
+            dudt = finite_difference_dudt(u_fn, x_t, t, r, w, eps, u_here)
         term = _bcast(t - r, x_t) * dudt
         if clamp:
             term = term.clamp(-1.0, 1.0)
@@ -184,10 +202,10 @@ class Objective:
         if cfg.name == "dumo":
             v_tgt = self.velocity_target(net, x_t, t, r, y_in, v, out.v.detach())
             w = out.v.detach() if cfg.velocity_in_target == "head" else v_tgt
-            return self.combine(out.v, v_tgt, out.u, self.u_target_subset(net, y_in, x_t, t, r, w))
+            return self.combine(out.v, v_tgt, out.u, self.u_target_subset(net, y_in, x_t, t, r, w, out.u))
         # meanflow: one u head, whose velocity is u(x_t, t, t).
         v_tgt = self.velocity_target(net, x_t, t, t, y_in, v, self.meanflow_velocity(net, x_t, t, y_in))
-        return self.combine(None, None, out.u, self.u_target_subset(net, y_in, x_t, t, r, v_tgt))
+        return self.combine(None, None, out.u, self.u_target_subset(net, y_in, x_t, t, r, v_tgt, out.u))
 
     def meanflow_velocity(self, net, x_t, t, y_in) -> torch.Tensor | None:
         if not self.cfg.guidance_on:
@@ -215,7 +233,7 @@ class Objective:
         u_tgt = (w - (term.clamp(-1, 1) if cfg.clamp_derivative else term)).detach()
         return self.combine(outs[0] if dumo else None, v_tgt if dumo else None, outs[-1], u_tgt)
 
-    def u_target_subset(self, net, y_in, x_t, t, r, w) -> torch.Tensor:
+    def u_target_subset(self, net, y_in, x_t, t, r, w, u_pred) -> torch.Tensor:
         """Finite-difference u-target, computed only where t > r (elsewhere the derivative term is
         multiplied by zero and u_tgt = w exactly): this saves meanflow 75% of its extra forward."""
         gap = t > r
@@ -231,6 +249,7 @@ class Objective:
                 "finite_difference",
                 self.cfg.fd_eps,
                 self.cfg.clamp_derivative,
+                u_pred.detach()[idx].float() if self.cfg.fd_scheme == "forward" else None,
             )
         return u_tgt
 
