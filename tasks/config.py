@@ -143,6 +143,25 @@ class EvalConfig(Section):
         return v
 
 
+class CompareConfig(Section):
+    """The equal-budget ablation (``dumo compare``): arms trained on the same store, backbone, seed, batch
+    and steps, evaluated under one protocol. Flow matching is sampled with multi-step Euler."""
+
+    arms: tuple[Literal["flow_matching", "meanflow", "dumo"], ...] = ("flow_matching", "meanflow", "dumo")
+    seeds: tuple[int, ...] = (0, 1)
+    budgets: tuple[int, ...] = ()  # training steps per arm; empty = train.num_steps
+    euler_steps: tuple[int, ...] = (1, 2, 4, 8)  # sampling steps of the flow-matching arm
+
+    @field_validator("arms", "seeds", "euler_steps")
+    @classmethod
+    def _non_empty(cls, v: tuple) -> tuple:
+        if not v:
+            raise ValueError("must list at least one value")
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct, got {list(v)}")
+        return v
+
+
 class PipelineConfig(Section):
     name: str = "demo"  # run name: runs/<name>/
     root: str = "demo-root"  # local path, file://, s3://bucket/prefix, memory://
@@ -151,6 +170,7 @@ class PipelineConfig(Section):
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    compare: CompareConfig = CompareConfig()
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,223 @@
+"""The equal-budget ablation: DuMo against MeanFlow's split batch and plain flow matching.
+
+Plain functions (arm configs, the identical-settings check, the table and the plot) and thin Prefect tasks.
+Every arm is the run config with only these changed: the run name, ``objective.name`` (which also decides
+the model's heads), ``train.seed``, ``train.num_steps`` and the samplers of the protocol. The check compares
+the resolved configs, so a difference anywhere else stops the comparison before anything trains.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dumo_model.samplers import SamplerConfig
+from storage import fs
+from storage.layout import Root
+from tasks.config import PipelineConfig
+
+METRICS = (("class_accuracy", "class acc", True), ("fid", "FID", False), ("spread_ratio", "spread", True))
+# Keys that may differ between arms; everything else of the resolved config must be equal.
+ARM_KEYS = {
+    ("name",),
+    ("objective", "name"),
+    ("train", "seed"),
+    ("train", "num_steps"),
+    ("eval", "samplers"),
+    ("eval", "protocol"),
+}
+
+
+def samplers_of(arm: str, cfg: PipelineConfig) -> tuple[SamplerConfig, ...]:
+    """Flow matching has only a velocity: multi-step Euler. The u-head arms: 1 and 2 steps."""
+    if arm == "flow_matching":
+        return tuple(SamplerConfig("euler", num_steps=n) for n in cfg.compare.euler_steps)
+    return (SamplerConfig("one_step"), SamplerConfig("two_step"))
+
+
+def arm_configs(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One entry per (budget, seed, arm): its label and its resolved config."""
+    budgets = cfg.compare.budgets or (cfg.train.num_steps,)
+    out = []
+    for steps in budgets:
+        for seed in cfg.compare.seeds:
+            for arm in cfg.compare.arms:
+                data = cfg.model_dump(mode="python")
+                data["name"] = f"{cfg.name}-{arm.replace('_', '-')}-s{seed}-n{steps}"
+                data["objective"] = {**data["objective"], "name": arm}
+                data["train"] = {**data["train"], "seed": seed, "num_steps": steps}
+                data["eval"] = {
+                    **data["eval"],
+                    "samplers": samplers_of(arm, cfg),
+                    "protocol": f"{cfg.eval.protocol}-compare",
+                }
+                out.append({"arm": arm, "seed": seed, "steps": steps, "config": PipelineConfig.model_validate(data)})
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat: dict[tuple[str, ...], Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, (*prefix, k)))
+        else:
+            flat[(*prefix, k)] = v
+    return flat
+
+
+def check_identical(arms: list[dict[str, Any]]) -> None:
+    """Raise if two arms differ in anything but the arm's own keys (ARM_KEYS)."""
+    if not arms:
+        raise ValueError("no arms to compare")
+    ref = _flatten(arms[0]["config"].model_dump(mode="json"))
+    for arm in arms[1:]:
+        flat = _flatten(arm["config"].model_dump(mode="json"))
+        diff = sorted(".".join(k) for k in set(ref) | set(flat) if k not in ARM_KEYS and ref.get(k) != flat.get(k))
+        if diff:
+            raise ValueError(f"arm {arm['config'].name} differs from {arms[0]['config'].name} in {diff}")
+
+
+def steps_of(label: str) -> int:
+    """Network evaluations of a sampler label: 1-step -> 1, 2-step -> 2, euler-8 -> 8."""
+    head = label.split("-cfg")[0]
+    return int(head.split("-")[0]) if head[0].isdigit() else int(head.rsplit("-", 1)[1])
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows per (budget, arm, sampler): mean and min/max over seeds of each metric."""
+    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for res in results:
+        for label, m in res["record"]["samplers"].items():
+            groups.setdefault((res["steps"], res["arm"], label), []).append(m)
+    rows = []
+    for (steps, arm, label), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], steps_of(kv[0][2]))):
+        row: dict[str, Any] = {
+            "budget_steps": steps,
+            "arm": arm,
+            "sampler": label,
+            "nfe": steps_of(label),
+            "seeds": len(ms),
+        }
+        for key, _, _ in METRICS:
+            vals = [m[key] for m in ms if m.get(key) is not None]
+            row[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else None
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], real: dict[str, Any] | None = None) -> str:
+    head = ["budget (steps)", "arm", "sampler", "NFE", "seeds"] + [name for _, name, _ in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["budget_steps"]), r["arm"], r["sampler"], str(r["nfe"]), str(r["seeds"])]
+        for key, _, _ in METRICS:
+            s = r[key]
+            cells.append("" if s is None else f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = "Each cell: mean over seeds [min, max]."
+    if real:
+        note += (
+            " Real data against itself: "
+            + ", ".join(f"{name} {real[key]:.3f}" for key, name, _ in METRICS if real.get(key) is not None)
+            + "."
+        )
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def winner(rows: list[dict[str, Any]], nfe: int = 1, metric: str = "class_accuracy") -> str | None:
+    """The arm with the best mean ``metric`` at ``nfe`` network evaluations, largest budget."""
+    if not rows:
+        return None
+    budget = max(r["budget_steps"] for r in rows)
+    higher = {k: h for k, _, h in METRICS}[metric]
+    cands = [r for r in rows if r["budget_steps"] == budget and r["nfe"] == nfe and r[metric] is not None]
+    if not cands:
+        return None
+    best = (max if higher else min)(cands, key=lambda r: r[metric]["mean"])
+    return best["arm"]
+
+
+def plot_png(rows: list[dict[str, Any]]) -> bytes:
+    """Metric against sampling steps, one line per arm (largest budget), error bars = seed range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budget = max(r["budget_steps"] for r in rows)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
+    for ax, (key, name, _) in zip(axes, METRICS):
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            pts = sorted(
+                (r["nfe"], r[key])
+                for r in rows
+                if r["arm"] == arm and r["budget_steps"] == budget and r[key] is not None
+            )
+            if not pts:
+                continue
+            x = [p[0] for p in pts]
+            y = [p[1]["mean"] for p in pts]
+            err = [[p[1]["mean"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["mean"] for p in pts]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps (network evaluations)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"equal budget: {budget} training steps per arm")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_comparison(cfg: PipelineConfig, arms: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict:
+    """table.md, results.json, plot.png and each arm's resolved config under <root>/comparisons/<name>/."""
+    out = Root(cfg.root).comparison(cfg.name)
+    rows = summarize(results)
+    real = results[0]["record"].get("real") if results else None
+    table = markdown_table(rows, real)
+    fs.write_text(fs.join(out, "table.md"), table)
+    fs.write_bytes(fs.join(out, "plot.png"), plot_png(rows))
+    for a in arms:
+        fs.write_text(fs.join(out, "configs", f"{a['config'].name}.yaml"), a["config"].to_yaml())
+    payload = {
+        "name": cfg.name,
+        "rows": rows,
+        "real": real,
+        "winner_1_step_class_accuracy": winner(rows),
+        "runs": [
+            {
+                "arm": r["arm"],
+                "seed": r["seed"],
+                "steps": r["steps"],
+                "checkpoint_url": r["checkpoint_url"],
+                "eval_dir": r["record"].get("eval_dir"),
+                "train_seconds": r.get("train_seconds"),
+            }
+            for r in results
+        ],
+        "configs": {a["config"].name: a["config"].model_dump(mode="json") for a in arms},
+    }
+    fs.write_text(fs.join(out, "results.json"), json.dumps(payload, indent=1))
+    return {"dir": out, "table": table, "rows": rows, "winner": payload["winner_1_step_class_accuracy"]}
+
+
+@task(name="publish-comparison", cache_policy=NO_CACHE)
+def publish_comparison_task(cfg: PipelineConfig, arms: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict:
+    from prefect.artifacts import create_markdown_artifact
+
+    written = write_comparison(cfg, arms, results)
+    key = "dumo-compare-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.name.lower())
+    create_markdown_artifact(
+        markdown=f"## Equal-budget comparison `{cfg.name}`\n\n{written['table']}\n"
+        f"Plot: `{fs.join(written['dir'], 'plot.png')}`",
+        key=key,
+    )
+    return {k: v for k, v in written.items() if k != "rows"}

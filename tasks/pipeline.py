@@ -1,0 +1,65 @@
+"""Tasks of the full pipeline that belong to no single stage: where the images and the store are, and
+the summary of a run. Plain functions first (callable without Prefect), tasks last."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import fs, images, metrics
+from storage.layout import Root
+from tasks.config import PipelineConfig
+
+BUILTIN_DIGITS = "builtin:digits"
+log = logging.getLogger("dumo.pipeline")
+
+
+def source_and_store(cfg: PipelineConfig) -> dict[str, str]:
+    """The image tree URL (writing the builtin digits tree under the root first when asked) and the
+    latent store URL of a run."""
+    root = Root(cfg.root)
+    source = cfg.data.source
+    if source == BUILTIN_DIGITS:
+        name = "digits" if cfg.data.upscale == 1 else f"digits-x{cfg.data.upscale}"
+        source = root.images(name)
+        if not fs.exists(fs.join(source, "9")):  # the last class folder is written last
+            tree = images.write_digits(source, upscale=cfg.data.upscale)
+            log.info(f"wrote the scikit-learn digits tree: {len(tree.files)} images in {source}")
+    elif source.startswith("builtin:"):
+        raise ValueError(f"unknown builtin source {source!r}; the one builtin is {BUILTIN_DIGITS!r}")
+    return {"source": source, "store": root.latent_store(cfg.data.store_name)}
+
+
+@task(name="locate-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
+def locate_data_task(cfg: PipelineConfig) -> dict[str, str]:
+    return source_and_store(cfg)
+
+
+@task(name="summarize", cache_policy=NO_CACHE)
+def summarize_task(
+    cfg: PipelineConfig, build: dict[str, Any], train: dict[str, Any], record: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's summary, also published as a markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    table = metrics.format_table(record)
+    text = (
+        f"## dumo run `{cfg.name}`\n\nstore `{build['store']}` ({build['num_rows']} rows); "
+        f"trained to step {train['step']} (final loss {train['final_loss']:.4g}, "
+        f"{train['steps_per_s']:.2f} steps/s); checkpoint `{train['checkpoint_url']}`\n\n{table}\n"
+    )
+    key = "dumo-summary-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.name.lower())
+    create_markdown_artifact(markdown=text, key=key, description=f"dumo run {cfg.name}")
+    return {
+        "run": cfg.name,
+        "store": build["store"],
+        "checkpoint_url": train["checkpoint_url"],
+        "step": train["step"],
+        "final_loss": train["final_loss"],
+        "eval_dir": record.get("eval_dir"),
+        "metrics": record.get("samplers", {}),
+        "table": table,
+    }

@@ -1,0 +1,100 @@
+"""The equal-budget ablation: arms differ only where they should, the table is filled, the flow runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from storage import fs
+from storage.layout import Root
+from tasks.compare import arm_configs, check_identical, markdown_table, plot_png, steps_of, summarize, winner
+from tasks.config import load_config
+from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
+
+
+def test_arms_share_everything_but_objective_seed_and_steps():
+    cfg = load_config("demo", ["compare.seeds=[0, 1]", "compare.budgets=[10, 20]"])
+    arms = arm_configs(cfg)
+    assert len(arms) == 3 * 2 * 2 and len({a["config"].name for a in arms}) == 12
+    check_identical(arms)
+    fm = next(a for a in arms if a["arm"] == "flow_matching")
+    assert all(s.name == "euler" for s in fm["config"].eval.samplers)
+    assert fm["config"].heads == "v" and arms[2]["config"].heads == "dual"
+
+
+def test_a_difference_outside_the_arm_keys_is_refused():
+    cfg = load_config("demo", ["compare.seeds=[0]"])
+    arms = arm_configs(cfg)
+    data = arms[1]["config"].model_dump(mode="python")
+    data["train"]["lr"] = 0.5
+    arms[1]["config"] = type(arms[1]["config"]).model_validate(data)
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        check_identical(arms)
+
+
+def fake_results():
+    def rec(acc, fid):
+        return {
+            "record": {
+                "samplers": {
+                    "1-step": {"class_accuracy": acc, "fid": fid, "spread_ratio": 0.7},
+                    "2-step": {"class_accuracy": acc + 0.01, "fid": fid - 1, "spread_ratio": 0.9},
+                },
+                "real": {"class_accuracy": 0.99, "fid": 1.0},
+            }
+        }
+
+    return [
+        {"arm": "dumo", "seed": 0, "steps": 10, **rec(0.9, 5.0)},
+        {"arm": "dumo", "seed": 1, "steps": 10, **rec(0.8, 7.0)},
+        {"arm": "meanflow", "seed": 0, "steps": 10, **rec(0.5, 20.0)},
+        {"arm": "meanflow", "seed": 1, "steps": 10, **rec(0.6, 18.0)},
+    ]
+
+
+def test_summary_table_and_winner():
+    rows = summarize(fake_results())
+    dumo1 = next(r for r in rows if r["arm"] == "dumo" and r["sampler"] == "1-step")
+    assert dumo1["seeds"] == 2 and dumo1["class_accuracy"] == {"mean": pytest.approx(0.85), "min": 0.8, "max": 0.9}
+    table = markdown_table(rows, {"class_accuracy": 0.99, "fid": 1.0})
+    assert "0.850 [0.800, 0.900]" in table and "| 10 | meanflow | 2-step | 2 | 2 |" in table
+    assert winner(rows) == "dumo" and winner(rows, metric="fid") == "dumo"
+    assert plot_png(rows)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [steps_of(s) for s in ("1-step", "2-step", "euler-8", "euler-16-cfg2")] == [1, 2, 8, 16]
+
+
+@pytest.mark.slow
+def test_compare_flow_runs_all_three_arms_and_fills_every_cell(prefect_harness, tmp_path):  # noqa: F811
+    from flows.compare import compare_objectives
+
+    overrides = [
+        f"root={tmp_path / 'root'}",
+        "name=cmp",
+        "model.hidden_size=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "train.num_steps=4",
+        "train.checkpoint_every=4",
+        "train.batch_size_global=32",
+        "train.log_every=2",
+        "eval.num_samples=20",
+        "eval.batch_size=20",
+        "compare.seeds=[0]",
+        "compare.euler_steps=[1, 2]",
+        "data.shard_size=600",
+    ]
+    written = compare_objectives(config="demo", overrides=overrides)
+    out = Root(str(tmp_path / "root")).comparison("cmp")
+    assert written["dir"] == out
+    payload = json.loads(fs.read_text(fs.join(out, "results.json")))
+    arms = {r["arm"] for r in payload["rows"]}
+    assert arms == {"flow_matching", "meanflow", "dumo"}
+    assert len(payload["rows"]) == 2 + 2 + 2  # euler-1/2, 1-step/2-step, 1-step/2-step
+    for row in payload["rows"]:
+        for key in ("class_accuracy", "fid", "spread_ratio"):
+            assert row[key] is not None and row[key]["mean"] == row[key]["mean"], (row["arm"], row["sampler"], key)
+    assert len(payload["configs"]) == 3
+    table = fs.read_text(fs.join(out, "table.md"))
+    assert table.count("\n| 4 |") == 6 and "||" not in table.replace("|---|", "")
+    assert fs.read_bytes(fs.join(out, "plot.png"))[:4] == b"\x89PNG"

@@ -1,0 +1,66 @@
+"""Config presets validate; bad configs fail before any work with a message that names the problem."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from tasks.config import CONFIG_DIR, PipelineConfig, config_from_yaml_text, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_preset_validates_and_round_trips(preset):
+    cfg = load_config(preset)
+    assert config_from_yaml_text(cfg.to_yaml()) == cfg
+
+
+def test_the_three_required_presets_exist_with_their_settings():
+    demo, b2, xl2 = (load_config(n) for n in ("demo", "imagenet256-b2", "imagenet256-xl2"))
+    assert demo.data.autoencoder == "pixels" and demo.data.source == "builtin:digits" and demo.train.device == "cpu"
+    for cfg, preset in ((b2, "DuMo-B/2"), (xl2, "DuMo-XL/2")):
+        assert cfg.model.preset == preset
+        assert cfg.data.autoencoder == "sd-vae" and cfg.root.startswith("s3://") and cfg.data.dask_address
+        assert cfg.train.num_processes == 8 and cfg.train.zero_stage == 2 and cfg.train.precision == "bf16"
+        assert cfg.eval.num_samples == 50_000 and cfg.eval.feature_extractor == "inception-v3-compat"
+        assert cfg.eval.reference_npz.endswith("VIRTUAL_imagenet256_labeled.npz")
+    assert (xl2.objective.guidance_omega, xl2.objective.guidance_kappa) == (0.2, 0.92)
+
+
+def test_batch_invariant_message_has_the_arithmetic():
+    with pytest.raises(ValidationError, match=r"global batch 256 != micro 32 x accumulation 2 x world 2"):
+        load_config(
+            "demo",
+            [
+                "train.batch_size_global=256",
+                "train.micro_batch_size=32",
+                "train.grad_accum_steps=2",
+                "train.num_processes=2",
+            ],
+        )
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("objective.name=dumoo", "objective.name"),
+        ("model.hiddn_size=3", "hiddn_size"),
+        ("model.preset=DuMo-Q/2", "DuMo-Q/2"),
+        ("model.num_classes=3", "derived"),
+        ("train.zero_stage=4", "zero_stage"),
+        ("data.autoencoder=sd-vae", "data.vae"),
+        ("eval.samplers=[three_step]", "three_step"),
+        ("bogus.key=1", "bogus"),
+        ("name=a/b", "run name"),
+    ],
+)
+def test_bad_values_are_named(override, needle):
+    with pytest.raises(ValidationError, match=needle.replace(".", r"\.").replace("/", "/")):
+        load_config("demo", [override])
+
+
+def test_overrides_parse_yaml_values_and_missing_preset_lists_presets():
+    cfg = load_config("demo", ["train.betas=[0.8, 0.9]", "compare.seeds=[3]", "eval.samplers=[one_step]"])
+    assert cfg.train.betas == (0.8, 0.9) and cfg.compare.seeds == (3,) and len(cfg.eval.samplers) == 1
+    with pytest.raises(FileNotFoundError, match="demo"):
+        load_config("no-such-preset")
+    assert PipelineConfig().name == "demo"

@@ -1,0 +1,58 @@
+"""The house rules of DESIGN.md that code can check: imports go flows -> tasks -> (storage, dumo_model);
+the model library knows nothing of devices, orchestration or storage."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = {"flows", "tasks", "storage", "dumo_model"}
+ALLOWED = {  # package -> project packages it may import
+    "dumo_model": {"dumo_model"},
+    "storage": {"storage"},
+    "tasks": {"tasks", "storage", "dumo_model"},
+    "flows": PROJECT,
+}
+MODEL_FORBIDDEN = {"prefect", "dask", "distributed", "zarr", "fsspec", "s3fs", "deepspeed", "storage", "tasks"}
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_go_one_way(package):
+    bad = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        wrong = (imports_of(path) & PROJECT) - ALLOWED[package]
+        if wrong:
+            bad[str(path.relative_to(ROOT))] = sorted(wrong)
+    assert not bad, f"imports against the flows -> tasks -> (storage, dumo_model) direction: {bad}"
+
+
+def test_model_library_has_no_device_orchestration_or_storage_code():
+    for path in sorted((ROOT / "dumo_model").rglob("*.py")):
+        assert not imports_of(path) & MODEL_FORBIDDEN, path
+        text = path.read_text()
+        assert ".cuda(" not in text and "torch.distributed" not in text, path
+
+
+def test_the_rank_entry_point_imports_no_prefect():
+    assert "prefect" not in imports_of(ROOT / "tasks" / "train_worker.py")
+    assert "prefect" not in imports_of(ROOT / "tasks" / "config.py")
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("from flows.pipeline import full_pipeline\nimport storage.fs\n")
+    assert imports_of(bad) == {"flows", "storage"}
