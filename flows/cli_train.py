@@ -1,0 +1,50 @@
+"""``dumo train``: train a run from a config file, resuming from its newest committed checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a run with DeepSpeed from its latent store (resumes if checkpoints exist)",
+        description="Train the run described by --config (a YAML path or a preset name in configs/) with "
+        "DeepSpeed ZeRO from the run's latent store, writing committed checkpoints under "
+        "<root>/runs/<name>/checkpoints/. Running the same command again continues from the newest committed "
+        "checkpoint. With train.launcher=auto: train.num_processes=1 runs one process without a launcher, more "
+        "run under torchrun, and train.num_nodes > 1 uses the deepspeed launcher with train.hostfile.",
+    )
+    p.add_argument("--config", required=True, help="YAML file or preset name (e.g. demo)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.num_steps=200 (repeatable; value read as YAML)",
+    )
+    p.add_argument(
+        "--no-prefect",
+        action="store_true",
+        help="call the training function directly: no flow run, no dumo.checkpoint.saved events",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    if args.no_prefect:
+        from tasks.config import load_config
+        from tasks.train import train_run
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        result = train_run(load_config(args.config, args.overrides))
+    else:
+        from flows.train import train_flow
+
+        result = train_flow(config=args.config, overrides=args.overrides)
+    print(json.dumps(result, indent=1))
+    return 0

@@ -1,0 +1,27 @@
+"""The ``train`` flow: a config (preset name or YAML path) plus overrides -> one training task.
+
+The task launches the DeepSpeed ranks as processes and resumes from the run's newest committed checkpoint,
+so running the flow again continues a run; after each checkpoint it emits ``dumo.checkpoint.saved``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from tasks.config import load_config
+from tasks.train import train_task
+
+
+@flow(name="train")
+def train_flow(config: str = "demo", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train the run that ``config`` (a preset in configs/ or a YAML path) with ``overrides`` (``key=value``,
+    e.g. ``train.num_steps=1000``) describes. Returns run_url, checkpoint_url, step, final_loss, steps_per_s."""
+    cfg = load_config(config, overrides or [])  # validation errors surface here, before any process starts
+    get_run_logger().info(f"resolved config of run {cfg.name}:\n{cfg.to_yaml()}")
+    return train_task(cfg)
+
+
+if __name__ == "__main__":
+    train_flow(config="demo")

@@ -1,0 +1,265 @@
+"""The train task: check the config, launch the ranks of ``tasks.train_worker`` as processes, follow them.
+
+    train_run(cfg, on_checkpoint=None) -> {"run_url", "checkpoint_url", "step", "final_loss", "steps_per_s"}
+
+Launchers (``train.launcher``; ``auto`` picks by size): ``inline`` one process with RANK/WORLD_SIZE/...
+set, no launcher; ``torchrun`` N processes on this machine; ``deepspeed`` the deepspeed launcher, the only
+one for ``num_nodes > 1`` (hosts from ``train.hostfile``, reached by ssh/pdsh). Every check that can fail
+runs before any process starts. Running the same config again resumes from the newest committed checkpoint.
+After each commit, ``on_checkpoint(url, step)`` is called and, when a Prefect API is reachable, the event
+``dumo.checkpoint.saved`` is emitted. Prefect is imported inside functions: ``train_run`` needs no server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import checkpoints as ckpts
+from storage import fs, latents
+from storage.layout import Root, RunLayout
+from tasks.config import PipelineConfig
+from tasks.modeling import dit_config
+from tasks.train_worker import CHECKPOINT_LINE, DONE_LINE, check_resumable
+
+EVENT = "dumo.checkpoint.saved"
+PROJECT_DIR = str(Path(__file__).resolve().parent.parent)
+# Non-secret settings a rank on another node needs; credentials stay in each node's own environment.
+FORWARDED_ENV_PREFIXES = ("DUMO_", "DS_ACCELERATOR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+def resolve(cfg: PipelineConfig) -> PipelineConfig:
+    """Re-validate (a model_copy skips validation) and make the root absolute, as written in the run."""
+    data = cfg.model_dump(mode="json")
+    data["root"] = Root(cfg.root).url
+    return PipelineConfig.model_validate(data)
+
+
+def preflight(cfg: PipelineConfig) -> dict[str, Any]:
+    """Everything that can be checked before a process starts; raises ValueError (or StoreError) in words."""
+    t = cfg.train
+    store_url = Root(cfg.root).latent_store(cfg.data.store_name)
+    if not latents.store_exists(store_url):
+        raise latents.StoreError(f"no latent store at {store_url}: build it first (dumo build-latents)")
+    info = latents.open_store(store_url)
+    if not info.complete:
+        raise latents.StoreError(f"latent store {store_url} is not complete (finalize has not passed)")
+    report = info.attrs.get("report") or {}
+    num_samples = int(report.get("num_valid", info.num_rows))
+    if t.batch_size_global > num_samples:
+        raise ValueError(f"global batch {t.batch_size_global} > {num_samples} samples in {store_url}")
+    model = dit_config(cfg, info.latent_shape, len(info.class_names))  # raises on an impossible shape
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("train.device is cuda but no CUDA device is visible")
+    if t.num_nodes > 1 and not os.path.isfile(t.hostfile or ""):
+        raise ValueError(f"train.hostfile {t.hostfile!r} does not exist (needed for {t.num_nodes} nodes)")
+    if t.launcher == "inline" and t.world_size > 1:
+        raise ValueError(f"launcher inline runs 1 process; world size is {t.world_size}: use torchrun or auto")
+    if t.launcher == "torchrun" and t.num_nodes > 1:
+        raise ValueError("launcher torchrun is for one machine here; num_nodes > 1 needs the deepspeed launcher")
+    run = Root(cfg.root).run(cfg.name)
+    step = ckpts.latest(run)
+    if step is not None:  # the worker checks again; failing here saves starting N processes for nothing
+        url = run.checkpoint(step)
+        state = ckpts.read_marker(url).get("trainer", {})
+        saved_model = json.loads(fs.read_text(fs.join(url, ckpts.MODEL_FILE)))
+        check_resumable(state, t, asdict(model), saved_model, url)
+    return {"store_url": store_url, "num_samples": num_samples, "resume_step": step}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(cfg: PipelineConfig, port: int, env_file: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) of the launcher for ``cfg``."""
+    t = cfg.train
+    worker = ["-m", "tasks.train_worker", cfg.root, cfg.name]
+    launcher = t.launcher
+    if launcher == "auto":
+        launcher = "deepspeed" if t.num_nodes > 1 else "inline" if t.world_size == 1 else "torchrun"
+    if launcher == "inline":
+        env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        return [sys.executable, *worker], {**env, "MASTER_PORT": str(port)}
+    if launcher == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node"]
+        return [*argv, str(t.num_processes), "--master_addr", "127.0.0.1", "--master_port", str(port), *worker], {}
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(t.num_processes)]
+    argv += ["--master_port", str(port), "--no_local_rank"]  # the worker reads LOCAL_RANK from the environment
+    if t.num_nodes > 1:
+        argv += ["--hostfile", str(t.hostfile), "--num_nodes", str(t.num_nodes)]
+    env = {"DS_ENV_FILE": env_file} if env_file else {}
+    return [*argv, "--module", *worker[1:]], env
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect.context import get_run_context
+        from prefect.logging import get_run_logger
+
+        get_run_context()
+        return get_run_logger()
+    except Exception:  # no flow or task run: plain logging
+        return logging.getLogger("dumo.train")
+
+
+def _prefect_api_reachable() -> bool:
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    try:
+        from prefect.context import get_run_context
+
+        get_run_context()
+        return True
+    except Exception:
+        return False
+
+
+def emit_checkpoint_event(run_name: str, url: str, step: int) -> None:
+    """``dumo.checkpoint.saved`` on the run's resource, payload {checkpoint_url, step}."""
+    from prefect.events import emit_event
+
+    resource = {"prefect.resource.id": f"dumo.run.{run_name}", "prefect.resource.name": run_name}
+    emit_event(event=EVENT, resource=resource, payload={"checkpoint_url": url, "step": step})
+
+
+def _pump(stream: Any, name: str, out: queue.Queue) -> None:
+    """Split a child's byte stream into lines on \\n and \\r (each progress-bar refresh is a line)."""
+    buf = b""
+    fd = stream.fileno()
+    while chunk := os.read(fd, 65536):
+        buf += chunk
+        *lines, buf = re.split(rb"\r\n|\r|\n", buf)
+        for line in lines:
+            if line.strip():
+                out.put((name, line.decode("utf-8", "replace")))
+    if buf.strip():
+        out.put((name, buf.decode("utf-8", "replace")))
+    out.put((name, None))
+
+
+def _failure(code: int, err_dir: str, tail: deque) -> RuntimeError:
+    """The first failing rank's traceback (the ranks write them), else the tail of the output."""
+    files = sorted(Path(err_dir).glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    if files:
+        lines = files[0].read_text().splitlines()[-40:]
+        return RuntimeError(f"training failed ({how}); {files[0].stem} raised:\n" + "\n".join(lines))
+    return RuntimeError(f"training failed ({how}); last output:\n" + "\n".join(tail))
+
+
+def train_run(cfg: PipelineConfig, on_checkpoint: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` (resuming from its newest committed checkpoint) and return where it got to."""
+    log = _logger()
+    cfg = resolve(cfg)
+    facts = preflight(cfg)
+    run: RunLayout = Root(cfg.root).run(cfg.name)
+    fs.write_text(run.config, cfg.to_yaml())
+    t = cfg.train
+    log.info(
+        f"run {run.url}: {t.num_steps} steps, {t.world_size} ranks, ZeRO-{t.zero_stage}, {t.precision},"
+        f" store {facts['store_url']} ({facts['num_samples']} samples), resume step {facts['resume_step']}"
+    )
+    tmp = tempfile.mkdtemp(prefix="dumo-train-")
+    try:
+        done = _launch(cfg, tmp, on_checkpoint, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "run_url": run.url,
+        "checkpoint_url": done["checkpoint_url"],
+        "step": done["step"],
+        "final_loss": done["final_loss"],
+        "steps_per_s": done["steps_per_s"],
+    }
+
+
+def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], None] | None, log: Any) -> dict:
+    """Start the launcher in a process group of its own, follow its output, return the DUMO_DONE record."""
+    t = cfg.train
+    err_dir = os.path.join(tmp, "errors")
+    env = dict(os.environ)
+    env.update(DUMO_ERROR_DIR=err_dir, DS_ACCELERATOR=t.device, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_DIR, env.get("PYTHONPATH")) if p)
+    env_file = None
+    if t.launcher == "deepspeed" or t.num_nodes > 1:  # what pdsh carries to the other nodes
+        env_file = os.path.join(tmp, "deepspeed_env")
+        with open(env_file, "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES))
+    argv, extra = launch_command(cfg, free_port(), env_file)
+    env.update(extra)
+    log.info("launching: " + " ".join(argv))
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, start_new_session=True
+    )  # its own process group: stopped together below
+    lines: queue.Queue = queue.Queue()  # two pump threads, so a slow on_checkpoint never blocks the ranks
+    for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+        threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
+    tail: deque = deque(maxlen=60)
+    done: dict[str, Any] | None = None
+    try:
+        open_streams = 2
+        while open_streams:
+            name, line = lines.get()
+            if line is None:
+                open_streams -= 1
+                continue
+            tail.append(line)
+            if name == "stdout" and line.startswith(CHECKPOINT_LINE):
+                record = json.loads(line[len(CHECKPOINT_LINE) :])
+                url, step = record["url"], int(record["step"])
+                log.info(f"checkpoint committed: step {step} at {url}")
+                if on_checkpoint is not None:
+                    on_checkpoint(url, step)
+                if _prefect_api_reachable():
+                    try:
+                        emit_checkpoint_event(cfg.name, url, step)
+                    except Exception as exc:  # an event lost must not kill a training run
+                        log.warning(f"could not emit {EVENT} for step {step}: {type(exc).__name__}: {exc}")
+            elif name == "stdout" and line.startswith(DONE_LINE):
+                done = json.loads(line[len(DONE_LINE) :])
+            else:
+                log.info(line)
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # the parent failed or was interrupted: take the ranks down with it
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if code != 0:
+        raise _failure(code, err_dir, tail)
+    if done is None:
+        raise RuntimeError("the ranks exited without a DUMO_DONE line; last output:\n" + "\n".join(tail))
+    return done
+
+
+@task(name="train", retries=0, cache_policy=NO_CACHE)
+def train_task(cfg: PipelineConfig) -> dict[str, Any]:
+    """Prefect task over ``train_run``. No retries: training resumes by itself when run again."""
+    return train_run(cfg)

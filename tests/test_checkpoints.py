@@ -1,0 +1,92 @@
+"""The checkpoint store: a step directory counts only once its marker is written, retention, digest check.
+
+No DeepSpeed here: the trainer's own use of the store is covered in test_train.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+from storage import checkpoints as ckpts
+from storage import fs
+from storage.layout import Root, RunLayout
+
+MODEL = {"hidden_size": 8, "depth": 1}
+
+
+def _layout(kind: str, tmp_path) -> RunLayout:
+    root = str(tmp_path / "root") if kind == "local" else f"memory://ckpt-{uuid.uuid4().hex[:8]}"
+    return Root(root).run("r")
+
+
+def _write(run: RunLayout, step: int, commit: bool = True, value: float = 1.0) -> str:
+    url = run.checkpoint(step)
+    fs.write_bytes(fs.join(ckpts.trainer_state_url(url), "mp_rank_00_model_states.pt"), b"deepspeed state")
+    ckpts.write_weights(url, {"w": torch.full((2, 3), value)}, MODEL, "name: r\n")
+    if commit:
+        ckpts.commit(url, step, extra={"trainer": {"world_size": 2, "zero_stage": 2, "precision": "fp32"}})
+    return url
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_half_written_checkpoint_is_never_chosen(kind, tmp_path):
+    run = _layout(kind, tmp_path)
+    assert ckpts.latest(run) is None
+    _write(run, 3)
+    half = _write(run, 6, commit=False)  # a crash after the weights, before the marker
+    fs.write_bytes(fs.join(run.checkpoint(9), "trainer", "zero_pp_rank_0_mp_rank_00_optim_states.pt"), b"part")
+    fs.write_text(fs.join(run.checkpoints, "step-0000012.tmp-123", "ema.safetensors"), "junk")  # not a step name
+    assert ckpts.committed_steps(run) == [3]
+    assert ckpts.latest(run) == 3
+    with pytest.raises(FileNotFoundError, match="not committed"):
+        ckpts.load_weights(half)
+    ckpts.clear_uncommitted(half)  # what the trainer does before writing step 6 again
+    assert not fs.exists(half)
+    ckpts.clear_uncommitted(run.checkpoint(3))  # a committed one stays
+    assert ckpts.is_committed(run.checkpoint(3))
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_commit_records_files_and_digest(kind, tmp_path):
+    run = _layout(kind, tmp_path)
+    url = _write(run, 5, value=2.5)
+    marker = ckpts.read_marker(url)
+    assert marker["step"] == 5 and marker["trainer"]["world_size"] == 2
+    assert marker["files"] == ["config.yaml", "ema.safetensors", "model.json", "trainer/mp_rank_00_model_states.pt"]
+    model, state = ckpts.load_weights(url)
+    assert model == MODEL and torch.equal(state["w"], torch.full((2, 3), 2.5))
+    assert ckpts.digest(url) == marker["ema_sha256"]
+    assert ckpts.read_config_yaml(url) == "name: r\n"
+
+
+def test_tampered_weights_fail_the_digest_check(tmp_path):
+    run = _layout("local", tmp_path)
+    url = _write(run, 4)
+    path = fs.join(url, ckpts.EMA_FILE)
+    raw = bytearray(fs.read_bytes(path))
+    raw[-1] ^= 0xFF  # one flipped bit in the tensor data
+    fs.write_bytes(path, bytes(raw))
+    with pytest.raises(OSError, match="does not match the digest"):
+        ckpts.load_weights(url)
+
+
+def test_retention_keeps_the_last_k_and_every_mth():
+    steps = [100, 200, 300, 400, 500, 600, 700]
+    assert ckpts.retention(steps, keep_last=2, keep_every=None) == [100, 200, 300, 400, 500]
+    assert ckpts.retention(steps, keep_last=2, keep_every=300) == [100, 200, 400, 500]
+    assert ckpts.retention(steps[:2], keep_last=3, keep_every=None) == []
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_apply_retention_deletes_whole_directories(kind, tmp_path):
+    run = _layout(kind, tmp_path)
+    for step in (2, 4, 6, 8, 10):
+        _write(run, step)
+    half = _write(run, 12, commit=False)
+    assert ckpts.apply_retention(run, keep_last=2, keep_every=4) == [2, 6]
+    assert ckpts.committed_steps(run) == [4, 8, 10]
+    assert not fs.exists(run.checkpoint(2)) and not fs.exists(run.checkpoint(6))
+    assert fs.exists(half)  # uncommitted ones are the trainer's business (cleared before that step is rewritten)
