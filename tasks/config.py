@@ -89,6 +89,7 @@ class TrainConfig(Section):
     lr_warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_warmup: bool = True  # decay of update n = min(ema_decay, (1 + n) / (10 + n))
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1)
     keep_last: int = Field(3, ge=1)

@@ -321,7 +321,7 @@ class Trainer:
         model = DualHeadDiT(self.model_cfg).to(self.device)  # the EMA must live where the weights will
         self.num_params = sum(p.numel() for p in model.parameters())
         # Only rank 0 writes the EMA, so only rank 0 keeps one (an XL/2 copy is 2.7 GB)
-        self.ema = EMA(model, self.t.ema_decay) if self.is_main else None
+        self.ema = EMA(model, self.t.ema_decay, warmup=self.t.ema_warmup) if self.is_main else None
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.t.lr, betas=tuple(self.t.betas), weight_decay=self.t.weight_decay)
         warmup = self.t.lr_warmup_steps
@@ -384,6 +384,8 @@ class Trainer:
 
         deepspeed.init_distributed(dist_backend="gloo" if t.device == "cpu" else "nccl")
         self.build(start_url, universal)
+        if self.ema is not None:
+            self.ema.num_updates = start  # one EMA update per optimizer step: the warm-up goes on exactly
         if self.is_main:
             how = " (ZeRO state re-partitioned through DeepSpeed's universal checkpoint)" if universal else ""
             self.log(f"resuming at step {start} from {start_url}{how}" if start_url else "starting at step 0")

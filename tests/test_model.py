@@ -177,9 +177,27 @@ def test_renoise_sampler_for_zero_r_input_and_wrong_sampler_is_refused():
         sample(build_model("debug", heads="v"), torch.randn_like(x), y, SamplerConfig("one_step"))
 
 
+def test_ema_warmup_forgets_the_initial_weights():
+    model = build_model("debug", hidden_size=32, depth=1, num_heads=2)
+    plain, warm = EMA(model, decay=0.999, warmup=False), EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.head_u.linear.weight.fill_(1.0)
+    for _ in range(600):
+        plain.update(model)
+        warm.update(model)
+    # 0.999^600 = 55% of the zero init stays without warm-up; with it, the product of the decays
+    # (1 + n) / (10 + n), n < 600, is 9! / (601 x ... x 609): nothing.
+    assert plain.shadow["head_u.linear.weight"].mean().item() == pytest.approx(1 - 0.999**600, rel=1e-3)
+    assert warm.shadow["head_u.linear.weight"].mean().item() == pytest.approx(1.0, abs=1e-6)
+    restored = EMA(model, decay=0.999)
+    restored.load_state_dict(warm.state_dict(), num_updates=600)
+    assert restored.current_decay() == warm.current_decay() == pytest.approx(601 / 610)
+    assert EMA(model, decay=0.999).current_decay() == pytest.approx(0.1)
+
+
 def test_ema_update_and_copy():
     model = build_model("debug", hidden_size=32, depth=1, num_heads=2)
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9, warmup=False)
     w = model.head_u.linear.weight
     with torch.no_grad():
         w.fill_(1.0)
