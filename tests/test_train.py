@@ -361,12 +361,17 @@ def test_a_failing_rank_fails_the_task_with_its_error(zero2_run, store_root):
 def test_train_flow_emits_checkpoint_events(prefect_harness, store_root, tmp_path):  # noqa: F811
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
 
     from flows.train import train_flow
 
+    # Flows of earlier tests leave the process-wide events worker behind; its websocket may be gone. Stop
+    # it, so this flow's emits start a fresh one, and drain it after the flow so every event is sent.
+    EventsWorker.drain_all(at_exit=False)
     path = tmp_path / "train.yaml"
     path.write_text(config(store_root, "flow", "train.checkpoint_every=1").to_yaml())
     result = train_flow(config=str(path), overrides=["train.num_steps=2"])
+    EventsWorker.drain_all(at_exit=False)
     run = Root(store_root).run("flow")
     assert result["step"] == 2 and result["checkpoint_url"] == run.checkpoint(2)
     wanted = EventFilter(
