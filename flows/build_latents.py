@@ -1,0 +1,211 @@
+"""The ``build-latents`` flow: an image tree on any fsspec URL -> a complete Zarr v3 latent store.
+
+    plan-shards -> prepare-store -> encode-shard x N (on a Dask task runner) -> finalize-store
+
+The encode tasks run on a ``DaskTaskRunner``: a LocalCluster sized to this machine by default, or an
+existing cluster when ``dask_address`` is given (dask-jobqueue, dask-kubernetes, GPU workers...; give its
+workers the environment WORKER_MALLOC_ENV at start, or the encoder runs slower there). A complete store built with
+the same settings is left alone (the source is not listed again); a half-built one is resumed: shards with
+a record in the store hit the Prefect cache (or their record) and only the missing ones are encoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Literal
+
+import dask
+from prefect import flow, get_client, get_run_logger
+from prefect.futures import as_completed
+from prefect_dask import DaskTaskRunner
+
+from tasks.encode import encode_shard_for, finalize_store, plan_shards, prepare_store, store_status
+
+AutoencoderName = Literal["pixels", "sd-vae"]
+LatentDtype = Literal["float16", "float32"]
+BadImagePolicy = Literal["fail", "skip"]
+
+
+# Dask's nanny starts worker processes with MALLOC_TRIM_THRESHOLD_=65536. Setting any glibc threshold stops
+# glibc adapting its mmap threshold, so every large tensor is mmap'd and unmapped again: the encoder ran ~40%
+# slower in a worker than in a plain process (36 vs 59 rows/s, bench/encode.py's VAE, one thread). These are
+# the values glibc's own adaptation settles at on 64-bit Linux (mmap 32 MiB, trim twice that). glibc reads
+# them once, at process start, so they must be in the nanny's pre-spawn environment, not a worker's ``env``.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
+
+
+def worker_malloc_config() -> contextlib.AbstractContextManager:
+    """Dask config under which a LocalCluster's worker processes start with WORKER_MALLOC_ENV; it must be
+    active when the cluster starts (a DaskTaskRunner starts its cluster lazily, on the first submit)."""
+    pre_spawn = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    return dask.config.set({"distributed.nanny.pre-spawn-environ": {**pre_spawn, **WORKER_MALLOC_ENV}})
+
+
+def worker_env() -> dict[str, str]:
+    """``env`` for the worker processes of a LocalCluster (the flow's own, or one you start yourself).
+    Worker processes must report to the API this flow reports to: under a configured server they inherit
+    PREFECT_API_URL from the environment; an ephemeral API (no server, or a test harness) is known only to
+    this process's settings, so its URL is handed over, else each worker would start a server of its own."""
+    if os.environ.get("PREFECT_API_URL"):
+        return {}
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    return {"PREFECT_API_URL": url} if url.startswith("http") else {}
+
+
+def dask_task_runner(
+    workers: int | None = None,
+    dask_address: str | None = None,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+) -> DaskTaskRunner:
+    """A runner on the cluster at ``dask_address``, else on a LocalCluster of ``workers`` workers (default:
+    one per ``threads_per_worker`` CPU cores of this machine)."""
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    n = workers or max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
+    cluster_kwargs: dict[str, Any] = {
+        "n_workers": n,
+        "threads_per_worker": threads_per_worker,
+        "processes": processes,
+        "dashboard_address": None,  # no dashboard on a fixed port: two builds on one machine must not collide
+    }
+    if processes:  # thread workers share this process's settings; only worker processes need telling
+        cluster_kwargs["env"] = worker_env()
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
+
+
+def encode_shards(
+    runner: DaskTaskRunner,
+    prepared: dict[str, Any],
+    plan: dict[str, Any],
+    on_bad_image: BadImagePolicy = "fail",
+    batch_size: int | None = None,
+) -> list[dict[str, Any]]:
+    """One encode task per shard on ``runner`` (started), with progress as shards finish. Every shard runs
+    to its end; then the failures, if any, are raised together. A plain function, not a subflow: a subflow's
+    parameters go to the Prefect API, and a plan lists every source file (1.28M for ImageNet)."""
+    logger = get_run_logger()
+    store_url = prepared["store_url"]
+    recorded = set(prepared["recorded"])
+    cached_task, fresh_task = encode_shard_for(store_url), encode_shard_for(store_url, refresh_cache=True)
+    futures = []
+    for shard in plan["shards"]:
+        task = cached_task if shard["index"] in recorded else fresh_task
+        parameters = dict(
+            store_url=store_url,
+            store_id=prepared["store_id"],
+            shard_index=shard["index"],
+            shard_fingerprint=shard["fingerprint"],
+            autoencoder=prepared["autoencoder"],
+            autoencoder_identity=prepared["autoencoder_identity"],
+            preprocessing=prepared["preprocessing"],
+            on_bad_image=on_bad_image,
+            source_url=plan["source_url"],
+            files=shard["files"],
+            batch_size=batch_size,
+        )
+        futures.append(runner.submit(task, parameters))
+    total_rows, num_shards = plan["num_rows"], len(futures)
+    t0 = time.perf_counter()
+    done_rows = encoded_rows = 0
+    results, failures = [], []
+    for k, future in enumerate(as_completed(futures), 1):
+        result = future.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            failures.append(result)
+            logger.error(f"shard failed ({k}/{num_shards}): {result}")
+            continue
+        cached = future.state.name == "Cached"
+        results.append({**result, "cached": cached})
+        done_rows += result["rows"]
+        encoded_rows += 0 if cached or not result["encoded"] else result["rows"]
+        rate = encoded_rows / max(time.perf_counter() - t0, 1e-9)
+        how = "cached" if cached else ("encoded" if result["encoded"] else "already in store")
+        logger.info(
+            f"shard {result['index']} {how} ({k}/{num_shards} done), {done_rows}/{total_rows} rows,"
+            f" {rate:.0f} rows/s encoded"
+        )
+    if failures:
+        shown = "; ".join(str(f) for f in failures[:5])
+        raise RuntimeError(f"{len(failures)} of {num_shards} shards failed: {shown}")
+    return sorted(results, key=lambda r: r["index"])
+
+
+@flow(name="build-latents")
+def build_latents(
+    source: str,
+    store: str,
+    autoencoder: AutoencoderName = "pixels",
+    vae: str | None = None,
+    resolution: int = 8,
+    shard_size: int = 256,
+    latent_dtype: LatentDtype = "float32",
+    on_bad_image: BadImagePolicy = "fail",
+    workers: int | None = None,
+    dask_address: str | None = None,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Encode the class-folder image tree at ``source`` into the latent store at ``store``.
+
+    Args:
+        source: ``<source>/<class>/<image>`` on any fsspec URL (local path, file://, s3://, memory://).
+        store: the Zarr store URL, normally ``<root>/latents/<name>.zarr`` (results cache under ``<root>``).
+        autoencoder, vae: ``pixels``, or ``sd-vae`` with ``vae`` a local AutoencoderKL directory or hub id.
+        resolution: side of the ADM center crop, in pixels. shard_size: rows per shard = per encode task.
+        latent_dtype: of the stored mean and std. on_bad_image: ``fail`` the shard, or ``skip`` and list it.
+        workers, threads_per_worker, processes: the LocalCluster; dask_address: use that cluster instead.
+        batch_size: images per autoencoder call (default: the autoencoder's).
+
+    Returns a summary: the store URL, rows, shards encoded in this run, skipped files, seconds.
+    """
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    expect = {
+        "autoencoder_name": autoencoder,
+        "resolution": resolution,
+        "latent_dtype": latent_dtype,
+        "shard_size": shard_size,
+    }
+    status = store_status(store, expect)
+    if status["complete"]:
+        logger.info(
+            f"store {store} is complete ({status['num_rows']} rows, source {status['dataset_fingerprint']}):"
+            " nothing to encode (the source was not listed again; delete the store to rebuild it)"
+        )
+        return {
+            "store": store,
+            "num_rows": status["num_rows"],
+            "shards_encoded": 0,
+            "shards_cached": 0,
+            "report": status["report"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    plan = plan_shards(source, shard_size)
+    ae = {"name": autoencoder, "vae": vae}
+    prepared = prepare_store(store, plan, ae, resolution, latent_dtype, shard_size)
+    with worker_malloc_config(), dask_task_runner(workers, dask_address, threads_per_worker, processes) as runner:
+        results = encode_shards(runner, prepared, plan, on_bad_image, batch_size)
+    report = finalize_store(store)
+    seconds = time.perf_counter() - t0
+    encoded = sum(1 for r in results if r["encoded"] and not r["cached"])
+    cached = sum(1 for r in results if r["cached"])
+    logger.info(f"build-latents: {store} complete, {report['num_rows']} rows in {seconds:.1f} s")
+    return {
+        "store": store,
+        "num_rows": report["num_rows"],
+        "shards_encoded": encoded,
+        "shards_cached": cached,
+        "report": report,
+        "seconds": round(seconds, 3),
+    }
+
+
+def run_build_latents(source: str, store: str, **options: Any) -> dict[str, Any]:
+    """The build as a plain call for the pipeline and the CLI: the flow with these parameters (a subflow
+    when called inside another flow). ``options`` are build_latents' keyword parameters."""
+    return build_latents(source=source, store=store, **options)

@@ -1,0 +1,107 @@
+"""``dumo make-digits`` and ``dumo build-latents``: the data side of the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-digits",
+        help="write scikit-learn's 1,797 labelled 8x8 digits as a class-folder PNG tree",
+        description="Write scikit-learn's 1,797 labelled handwritten digits (load_digits, shipped with the "
+        "package: nothing is downloaded) as DIR/<digit>/<NNNN>.png, greyscale, 8x8 unless --upscale enlarges "
+        "them by pixel repetition. DIR may be a local path or any fsspec URL (s3://...).",
+    )
+    p.add_argument("dir", metavar="DIR", help="where to write the tree (local path or URL)")
+    p.add_argument("--upscale", type=int, default=1, metavar="K", help="integer enlargement factor (default 1)")
+    p.set_defaults(func=run_make_digits)
+
+    p = sub.add_parser(
+        "build-latents",
+        help="encode a class-folder image tree into a Zarr v3 latent store (Prefect flow on Dask)",
+        description="Encode SOURCE/<class>/<image> into the latent store STORE (see docs/latent-store.md): "
+        "ADM center crop to --resolution, the autoencoder on each image and its mirror image, one Dask task "
+        "per shard of --shard-size rows. A complete STORE built with the same settings is left as it is (one "
+        "built differently is an error); a half-built one is resumed and only its missing shards are encoded. "
+        "SOURCE and STORE may be local paths or URLs (s3:// uses DUMO_S3_ENDPOINT_URL and the usual AWS "
+        "credentials).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="image tree: SOURCE/<class>/<image>")
+    p.add_argument("store", metavar="STORE", help="latent store URL, normally <root>/latents/<name>.zarr")
+    p.add_argument(
+        "--autoencoder",
+        choices=["pixels", "sd-vae"],
+        required=True,
+        help="pixels: the cropped pixels themselves; sd-vae: a diffusers AutoencoderKL (needs --vae)",
+    )
+    p.add_argument(
+        "--vae",
+        metavar="PATH_OR_ID",
+        help="sd-vae: a local AutoencoderKL directory, or a hub id (downloaded only when online and "
+        "HF_HUB_OFFLINE is not set)",
+    )
+    p.add_argument("--resolution", type=int, required=True, metavar="R", help="square crop side in pixels")
+    p.add_argument("--shard-size", type=int, required=True, metavar="N", help="rows per shard = per encode task")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Dask workers of the local cluster (default: one per CPU core / --threads-per-worker)",
+    )
+    p.add_argument("--threads-per-worker", type=int, default=1, metavar="T", help="threads per Dask worker")
+    p.add_argument(
+        "--dask-address",
+        metavar="A",
+        help="scheduler address of an existing Dask cluster to use instead of a local one",
+    )
+    p.add_argument(
+        "--on-bad-image",
+        choices=["fail", "skip"],
+        default="fail",
+        help="a file that does not decode: fail its shard (default), or skip it and list it in the store's report",
+    )
+    p.add_argument(
+        "--latent-dtype",
+        choices=["float16", "float32"],
+        default="float32",
+        help="dtype of the stored mean and std (default float32)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help="images per autoencoder call (default: 16 for sd-vae, 1024 for pixels)",
+    )
+    p.set_defaults(func=run_build_latents)
+
+
+def run_make_digits(args: argparse.Namespace) -> int:
+    from storage.images import write_digits
+
+    source = write_digits(args.dir, upscale=args.upscale)
+    side = 8 * args.upscale
+    print(f"wrote {len(source)} digits ({side}x{side} grey PNG) in {len(source.class_names)} classes to {args.dir}")
+    return 0
+
+
+def run_build_latents(args: argparse.Namespace) -> int:
+    from flows.build_latents import run_build_latents as build
+
+    summary = build(
+        args.source,
+        args.store,
+        autoencoder=args.autoencoder,
+        vae=args.vae,
+        resolution=args.resolution,
+        shard_size=args.shard_size,
+        latent_dtype=args.latent_dtype,
+        on_bad_image=args.on_bad_image,
+        workers=args.workers,
+        dask_address=args.dask_address,
+        threads_per_worker=args.threads_per_worker,
+        batch_size=args.batch_size,
+    )
+    print(json.dumps(summary, indent=1))
+    return 0

@@ -1,0 +1,203 @@
+"""Image sources: a class-folder tree on any fsspec URL, read in a deterministic order.
+
+    <root>/<class>/<file>.{JPEG,jpg,jpeg,png,bmp,webp,tif,tiff}     (ImageNet's train/<wnid>/*.JPEG)
+
+Samples are the sorted relative paths ``<class>/<file>``; the class index is the position of the folder
+name in the sorted list of class folders. Pixels come out as float32 ``(C, R, R)`` in ``[-1, 1]`` after
+the ADM center crop (guided-diffusion's ``center_crop_arr``, which DiT and its successors use for ImageNet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from storage.fs import filesystem, join
+
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+CROP_RECIPE = "adm_center_crop"
+PIXEL_RANGE = (-1.0, 1.0)
+
+
+class BadImageError(ValueError):
+    """A source file that cannot be decoded as an image. A ValueError, not an OSError, so that I/O retries
+    do not spin on a file that will never decode."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"bad image file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    relpath: str  # "<class>/<file>", relative to the source root
+    size: int  # bytes
+    label: int  # class index
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A listed class-folder tree."""
+
+    url: str
+    class_names: tuple[str, ...]
+    files: tuple[ImageFile, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def fingerprint(files: Sequence[ImageFile]) -> str:
+    """sha256 over the sorted ``relpath<TAB>size`` lines: changes when a file is added, removed, renamed or
+    resized. Also used per shard, on that shard's files."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.relpath):
+        h.update(f"{f.relpath}\t{f.size}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def list_images(url: str) -> ImageSource:
+    """List ``<url>/<class>/<image>`` in sorted order, with sizes, in one recursive listing."""
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"image source {url} is not a directory")
+    found = fs.find(root, detail=True)
+    entries: list[tuple[str, int]] = []
+    for path, info in found.items():
+        rel = path[len(root) + 1 :] if path.startswith(root + "/") else path
+        parts = rel.split("/")
+        if len(parts) != 2 or parts[0].startswith(".") or parts[1].startswith("."):
+            continue  # only <class>/<file>; hidden files and deeper trees are not samples
+        if os.path.splitext(parts[1])[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        entries.append((rel, int(info.get("size") or 0)))
+    if not entries:
+        raise FileNotFoundError(
+            f"no images under {url}: expected <class>/<file> with extension in {sorted(IMAGE_EXTENSIONS)}"
+        )
+    entries.sort()
+    class_names = tuple(sorted({rel.split("/", 1)[0] for rel, _ in entries}))
+    index = {name: i for i, name in enumerate(class_names)}
+    files = tuple(ImageFile(rel, size, index[rel.split("/", 1)[0]]) for rel, size in entries)
+    return ImageSource(url=url, class_names=class_names, files=files)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    start: int  # first row (inclusive)
+    stop: int  # last row (exclusive)
+
+
+def plan_shards(num_rows: int, shard_size: int) -> list[ShardPlan]:
+    """Rows ``[0, num_rows)`` cut into consecutive shards of ``shard_size`` rows (the last may be short)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [
+        ShardPlan(i, start, min(start + shard_size, num_rows)) for i, start in enumerate(range(0, num_rows, shard_size))
+    ]
+
+
+def adm_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """ADM's crop: halve with a box filter while the short side is >= 2x the target (cheap and alias-free),
+    then one bicubic resize so the short side equals the target, then a center crop to a square."""
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
+    scale = resolution / min(image.size)
+    size = tuple(round(s * scale) for s in image.size)
+    if size != image.size:
+        image = image.resize(size, resample=Image.Resampling.BICUBIC)
+    left = (image.size[0] - resolution) // 2
+    top = (image.size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def decode_image(data: bytes, path: str, resolution: int, channels: int) -> np.ndarray:
+    """Encoded image bytes -> float32 ``(channels, resolution, resolution)`` in [-1, 1].
+
+    Raises BadImageError naming ``path`` for anything PIL cannot decode (corrupt, truncated, not an image).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decode now, so a truncated file fails here and not later
+            image = im.convert("L" if channels == 1 else "RGB")
+    except UnidentifiedImageError as exc:
+        raise BadImageError(path, "not an image PIL can identify (corrupt header or another format)") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadImageError(path, f"{type(exc).__name__}: {exc}") from exc
+    image = adm_center_crop(image, resolution)
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 127.5 - 1.0
+
+
+def probe_channels(source: ImageSource) -> int:
+    """1 when the first image is greyscale, else 3: the channel count of a store of this source."""
+    first = join(source.url, source.files[0].relpath)
+    fs, path = filesystem(first)
+    try:
+        with Image.open(io.BytesIO(fs.cat_file(path))) as im:
+            return 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImageError(first, f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_images(
+    source_url: str, files: Sequence[ImageFile], resolution: int, channels: int
+) -> list[np.ndarray | BadImageError]:
+    """Read and decode ``files`` (fetched concurrently where the filesystem is async, e.g. S3). A file that
+    does not decode comes back as its BadImageError, for the caller's on_bad_image policy; I/O errors are
+    raised (as OSError naming the file) so that the task's retries can deal with them."""
+    fs, root = filesystem(source_url)
+    paths = [f"{root.rstrip('/')}/{f.relpath}" for f in files]
+    blobs = fs.cat(paths, on_error="return") if paths else {}
+    out: list[np.ndarray | BadImageError] = []
+    for f, path in zip(files, paths):
+        data = blobs.get(path)
+        url = join(source_url, f.relpath)
+        if isinstance(data, BaseException):
+            raise OSError(f"reading {url}: {type(data).__name__}: {data}") from data
+        if data is None:
+            raise OSError(f"reading {url}: no data returned")
+        try:
+            out.append(decode_image(data, url, resolution, channels))
+        except BadImageError as exc:
+            out.append(exc)
+    return out
+
+
+def write_digits(url: str, upscale: int = 1) -> ImageSource:
+    """Write scikit-learn's 1,797 labelled 8x8 digits as ``<url>/<digit>/<NNNN>.png`` (grey PNG, native 8x8
+    unless ``upscale`` > 1 enlarges them by pixel repetition). Returns the listed tree."""
+    from sklearn.datasets import load_digits
+
+    if upscale < 1:
+        raise ValueError(f"upscale must be an integer >= 1, got {upscale}")
+    digits = load_digits()
+    # load_digits pixels are counts 0..16 of on-pixels in a 4x4 block of a 32x32 bitmap; 16 -> white (255)
+    images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    width = len(str(len(images) - 1))
+    for i, (pixels, label) in enumerate(zip(images, digits.target)):
+        if upscale > 1:
+            pixels = np.kron(pixels, np.ones((upscale, upscale), dtype=np.uint8))
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        fs.pipe_file(f"{root}/{int(label)}/{i:0{width}d}.png", buf.getvalue())
+    return list_images(url)

@@ -1,0 +1,330 @@
+"""The latent store: a Zarr v3 group that holds autoencoder latents, written in parallel, one shard per task.
+
+Schema (docs/latent-store.md is the reader's guide; ``N`` rows in sorted source order):
+
+    mean, std       (N, 2, C, h, w) float16|float32   axis 1 = [original, horizontally flipped]
+    label           (N,) int32                          class index; -1 marks a row excluded as a bad file
+    source          (N,) string                         relative path of the source image
+    shard_records   (S,) string                         one JSON completion record per shard, one object each
+
+One Zarr shard of ``mean``/``std`` (and one chunk of ``label``/``source``) holds exactly ``shard_size`` rows,
+the rows of one encode task: no two writers ever touch the same object, since partial-shard writes from
+parallel writers lose data (zarr-python #3682). A shard's record is written after its data, so a record is
+the commit marker of its shard; ``finalize`` re-reads every shard, checks it against its record's checksum and
+only then sets ``complete: true``.
+
+Stage functions (pangeo-forge style): ``create`` -> ``write_shard`` (a region write, safe to redo) ->
+``finalize``. They run the same under Prefect, Dask, or a plain loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.storage
+
+from storage.fs import exists, is_local, join, local_path, normalize, storage_options
+
+SCHEMA_VERSION = 1
+LATENT_DTYPES = ("float16", "float32")
+# Keys a caller must give to create(); the store adds schema_version, store_id, shape and software versions.
+REQUIRED_ATTRS = (
+    "autoencoder",  # {"name", "id", "revision", "weights_digest"}
+    "latent_scale",  # z = (latent - latent_shift) * latent_scale
+    "latent_shift",
+    "pixel_range",  # [-1.0, 1.0]
+    "crop",  # "adm_center_crop"
+    "resolution",  # pixels, square
+    "image_channels",  # 1 (grey) or 3 (RGB)
+    "flip",  # the flip policy, in words
+    "class_names",  # in class-index order
+    "dataset_fingerprint",  # storage.images.fingerprint of the whole source
+)
+_CHUNK_TARGET_BYTES = 64 * 1024  # inner chunks: small enough that a random read fetches little else
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, incompatible with a request, or fails verification."""
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store's ``zarr.json`` says about it."""
+
+    url: str
+    attrs: dict[str, Any]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.attrs["num_rows"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.attrs["latent_shape"]
+        return int(c), int(h), int(w)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.attrs["latent_dtype"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.attrs["shard_size"])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.shard_size)
+
+    @property
+    def store_id(self) -> str:
+        return str(self.attrs["store_id"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    def shard_rows(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self.num_shards:
+            raise IndexError(f"shard {index} out of range: the store has {self.num_shards} shards")
+        start = index * self.shard_size
+        return start, min(start + self.shard_size, self.num_rows)
+
+
+def zarr_store(url: str, read_only: bool) -> Any:
+    """A zarr store for ``url``: zarr's own LocalStore for local paths (fastest), else an FsspecStore
+    (s3fs with the configured endpoint, memory://, ...)."""
+    if is_local(url):
+        return zarr.storage.LocalStore(local_path(url), read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(normalize(url), storage_options=storage_options(url), read_only=read_only)
+
+
+def _open_group(url: str, mode: str = "r") -> zarr.Group:
+    try:
+        return zarr.open_group(zarr_store(url, read_only=mode == "r"), mode=mode, zarr_format=3)
+    except FileNotFoundError as exc:
+        raise StoreError(f"no latent store at {url}") from exc
+
+
+def software_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("dumo", "numpy", "zarr", "torch", "diffusers", "pillow", "fsspec", "s3fs"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def chunk_rows(shard_size: int, row_bytes: int) -> int:
+    """The largest divisor of ``shard_size`` whose chunk stays under the target size (at least 1 row)."""
+    best = 1
+    for rows in range(1, shard_size + 1):
+        if shard_size % rows == 0 and rows * row_bytes <= _CHUNK_TARGET_BYTES:
+            best = rows
+    return best
+
+
+def create(
+    url: str,
+    num_rows: int,
+    latent_shape: tuple[int, int, int],
+    dtype: str,
+    shard_size: int,
+    attrs: dict[str, Any],
+    overwrite: bool = False,
+) -> StoreInfo:
+    """Create an empty store for ``num_rows`` latents of ``latent_shape`` (C, h, w). Fails if one exists,
+    unless ``overwrite``. ``attrs`` must hold every key of REQUIRED_ATTRS."""
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(f"latent store attributes missing: {missing}")
+    if dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}, got {dtype!r}")
+    if num_rows < 1 or shard_size < 1:
+        raise ValueError(f"need num_rows >= 1 and shard_size >= 1, got {num_rows} and {shard_size}")
+    c, h, w = (int(s) for s in latent_shape)
+    num_shards = -(-num_rows // shard_size)
+    try:
+        group = _open_group(url, mode="w" if overwrite else "w-")
+    except FileExistsError as exc:
+        raise StoreError(f"a latent store already exists at {url}; delete it or pass overwrite=True") from exc
+    row_shape = (2, c, h, w)
+    rows = chunk_rows(shard_size, int(np.prod(row_shape)) * np.dtype(dtype).itemsize)
+    for name in ("mean", "std"):
+        group.create_array(
+            name,
+            shape=(num_rows, *row_shape),
+            dtype=dtype,
+            chunks=(rows, *row_shape),
+            shards=(shard_size, *row_shape),
+            fill_value=0,
+            dimension_names=("sample", "flip", "channel", "y", "x"),
+        )
+    # One chunk per shard: labels and paths are small, and one object per task keeps writers apart.
+    group.create_array("label", shape=(num_rows,), dtype="int32", chunks=(shard_size,), fill_value=-1)
+    group.create_array("source", shape=(num_rows,), dtype=str, chunks=(shard_size,), fill_value="")
+    group.create_array("shard_records", shape=(num_shards,), dtype=str, chunks=(1,), fill_value="")
+    full = {
+        "schema_version": SCHEMA_VERSION,
+        "store_id": uuid.uuid4().hex,
+        **attrs,
+        "num_rows": num_rows,
+        "latent_shape": [c, h, w],
+        "latent_dtype": dtype,
+        "shard_size": shard_size,
+        "num_shards": num_shards,
+        "software": software_versions(),
+        "created_at": _now(),
+        "shards": [],
+        "report": None,
+        "complete": False,
+    }
+    group.attrs.update(full)
+    return StoreInfo(url=url, attrs=full)
+
+
+def open_store(url: str) -> StoreInfo:
+    return StoreInfo(url=url, attrs=dict(_open_group(url).attrs))
+
+
+def store_exists(url: str) -> bool:
+    return exists(join(url, "zarr.json"))
+
+
+def is_complete(url: str) -> bool:
+    return store_exists(url) and open_store(url).complete
+
+
+def checksum(mean: np.ndarray, std: np.ndarray, label: np.ndarray, source: Sequence[str]) -> str:
+    """sha256 over the rows as stored (little-endian bytes of mean, std, label; source paths joined by \\n).
+    Codecs do not enter it: what is checked is what a reader decodes."""
+    h = hashlib.sha256()
+    for arr in (mean, std, label):
+        a = np.asarray(arr)
+        h.update(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes())
+    h.update("\n".join(str(s) for s in source).encode("utf-8"))
+    return "sha256:" + h.hexdigest()
+
+
+def write_shard(
+    url: str,
+    shard_index: int,
+    mean: np.ndarray,
+    std: np.ndarray,
+    label: np.ndarray,
+    source: Sequence[str],
+    skipped: Sequence[dict[str, Any]] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the rows of one whole shard, then its completion record. Safe to redo: every object of the
+    shard is replaced, and the record (the commit marker) is written last.
+
+    ``skipped``: ``{"row", "source", "error"}`` for rows excluded by the bad-image policy (label -1).
+    ``extra``: more JSON-able facts for the record (source fingerprint, encode time, host...).
+    """
+    group = _open_group(url, mode="r+")
+    info = StoreInfo(url=url, attrs=dict(group.attrs))
+    start, stop = info.shard_rows(shard_index)
+    rows = stop - start
+    dtype = np.dtype(info.dtype)
+    mean = np.asarray(mean, dtype=dtype)
+    std = np.asarray(std, dtype=dtype)
+    label = np.asarray(label, dtype=np.int32)
+    expected = (rows, 2, *info.latent_shape)
+    if mean.shape != expected or std.shape != expected or label.shape != (rows,) or len(source) != rows:
+        raise ValueError(
+            f"shard {shard_index} holds rows [{start}, {stop}): expected mean/std {expected}, label ({rows},)"
+            f" and {rows} sources; got {mean.shape}, {std.shape}, {label.shape}, {len(source)}"
+        )
+    group["mean"][start:stop] = mean
+    group["std"][start:stop] = std
+    group["label"][start:stop] = label
+    group["source"][start:stop] = np.array(list(source), dtype=object)
+    record = {
+        "index": shard_index,
+        "start": start,
+        "stop": stop,
+        "checksum": checksum(mean, std, label, source),
+        "skipped": list(skipped),
+        "written_at": _now(),
+        **(extra or {}),
+    }
+    group["shard_records"][shard_index : shard_index + 1] = np.array([json.dumps(record)], dtype=object)
+    return record
+
+
+def shard_records(url: str) -> list[dict[str, Any] | None]:
+    """Every shard's completion record, None where a shard has not been written."""
+    raw = _open_group(url)["shard_records"][:]
+    return [json.loads(str(r)) if str(r) else None for r in raw]
+
+
+def shard_record(url: str, shard_index: int) -> dict[str, Any] | None:
+    """One shard's completion record, None if the shard has not been written."""
+    raw = str(_open_group(url)["shard_records"][shard_index])
+    return json.loads(raw) if raw else None
+
+
+def verify_shard(url: str, shard_index: int, record: dict[str, Any] | None = None) -> str | None:
+    """None if the shard's data matches its record, else what is wrong (in words)."""
+    group = _open_group(url)
+    info = StoreInfo(url=url, attrs=dict(group.attrs))
+    start, stop = info.shard_rows(shard_index)
+    if record is None:
+        raw = str(group["shard_records"][shard_index])
+        if not raw:
+            return f"shard {shard_index} (rows {start}-{stop}): no completion record"
+        record = json.loads(raw)
+    if (record.get("start"), record.get("stop")) != (start, stop):
+        return f"shard {shard_index}: record covers rows {record.get('start')}-{record.get('stop')}, not {start}-{stop}"
+    found = checksum(
+        group["mean"][start:stop],
+        group["std"][start:stop],
+        group["label"][start:stop],
+        [str(s) for s in group["source"][start:stop]],
+    )
+    if found != record["checksum"]:
+        return f"shard {shard_index} (rows {start}-{stop}): checksum {found} != recorded {record['checksum']}"
+    return None
+
+
+def finalize(url: str, threads: int = 8) -> dict[str, Any]:
+    """Check every shard against its record (re-reading all data), then write the report and set
+    ``complete: true``. Raises StoreError listing the bad or missing shards, leaving the store incomplete."""
+    info = open_store(url)
+    records = shard_records(url)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # I/O bound on object stores
+        problems = [p for p in pool.map(lambda i: verify_shard(url, i, records[i]), range(len(records))) if p]
+    if problems:
+        shown = "; ".join(sorted(problems)[:10])
+        raise StoreError(f"latent store {url} failed verification ({len(problems)} shard(s)): {shown}")
+    skipped = [s for r in records for s in r["skipped"]]  # type: ignore[index]
+    report = {
+        "num_rows": info.num_rows,
+        "num_valid": info.num_rows - len(skipped),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "finalized_at": _now(),
+    }
+    group = _open_group(url, mode="r+")
+    group.attrs.update({"shards": records, "report": report, "complete": True})
+    return report
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

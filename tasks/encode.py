@@ -1,0 +1,223 @@
+"""Prefect tasks of the build-latents flow: plan -> prepare store -> encode each shard -> finalize.
+
+Each body is a few calls into ``storage``; the same functions work without Prefect (``.fn``).
+``encode_shard`` is cached on its inputs + its source (not the run id), keyed by store URL and id, shard
+index, the shard's source fingerprint, the autoencoder identity and the preprocessing, with results kept
+under the store's root (``<root>/cache/results``), so a re-run on any machine of a cluster skips finished
+shards. The shard records in the store stay the truth: ``finalize`` checks them, whatever the cache says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.filesystems import RemoteFileSystem, WritableFileSystem
+from prefect.tasks import Task, exponential_backoff
+
+from storage import autoencoders, images, latents
+from storage.autoencoders import AutoencoderSpec, describe
+from storage.fs import is_local, local_path, storage_options
+from storage.layout import root_of_latent_store
+
+FLIP_POLICY = "stored: axis 1 of mean/std = [original, horizontal flip]; the reader picks one uniformly"
+
+
+def _retry_on_io_error(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry transient I/O errors (network, object store); never a file that does not decode."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, OSError) and not isinstance(exc, images.BadImageError)
+
+
+def result_storage(store_url: str) -> Path | WritableFileSystem:
+    """Where encode results persist: ``<root>/cache/results`` beside the store. A pathlib.Path for local
+    roots (a str would be read as a block name); a saved fsspec block for object stores, whose settings
+    carry the endpoint only (credentials come from the environment of each worker)."""
+    cache = root_of_latent_store(store_url).result_cache
+    if is_local(cache):
+        return Path(local_path(cache))
+    # Tasks on a Dask runner only take result storage that is saved server-side: one block per cache URL.
+    block = RemoteFileSystem(basepath=cache, settings=storage_options(cache))
+    block.save(f"dumo-results-{hashlib.sha256(cache.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
+
+
+# Only encode_shard is cached; the other tasks are cheap, and hashing a plan (every source file) is not.
+@task(name="plan-shards", cache_policy=NO_CACHE)
+def plan_shards(source_url: str, shard_size: int) -> dict[str, Any]:
+    """List the source tree and cut it into shards of ``shard_size`` rows, with per-shard fingerprints."""
+    source = images.list_images(source_url)
+    shards = []
+    for s in images.plan_shards(len(source), shard_size):
+        files = source.files[s.start : s.stop]
+        shards.append(
+            {
+                "index": s.index,
+                "start": s.start,
+                "stop": s.stop,
+                "fingerprint": images.fingerprint(files),
+                "files": [[f.relpath, f.size, f.label] for f in files],
+            }
+        )
+    get_run_logger().info(
+        f"source {source_url}: {len(source)} images in {len(source.class_names)} classes,"
+        f" {len(shards)} shards of {shard_size} rows"
+    )
+    return {
+        "source_url": source_url,
+        "num_rows": len(source),
+        "class_names": list(source.class_names),
+        "fingerprint": source.fingerprint,
+        "image_channels": images.probe_channels(source),
+        "shards": shards,
+    }
+
+
+def _compatibility(info: latents.StoreInfo, wanted: dict[str, Any]) -> list[str]:
+    """What differs between an existing store and the one asked for (empty when it can be resumed)."""
+    have = dict(info.attrs)
+    have["weights_digest"] = have["autoencoder"].get("weights_digest")
+    have["autoencoder_name"] = have["autoencoder"].get("name")
+    return [f"{k}: store has {have.get(k)!r}, asked for {v!r}" for k, v in wanted.items() if have.get(k) != v]
+
+
+@task(name="prepare-store", cache_policy=NO_CACHE)
+def prepare_store(
+    store_url: str,
+    plan: dict[str, Any],
+    autoencoder: dict[str, Any],
+    resolution: int,
+    latent_dtype: Literal["float16", "float32"],
+    shard_size: int,
+) -> dict[str, Any]:
+    """Create the store, or reopen a half-built one made for the same source, autoencoder and settings.
+    ``autoencoder``: ``{"name": "pixels"|"sd-vae", "vae": path or hub id or None}``."""
+    spec = AutoencoderSpec(**autoencoder)
+    ae = describe(spec, plan["image_channels"] if spec.name == "pixels" else 3, resolution)
+    wanted = {
+        "dataset_fingerprint": plan["fingerprint"],
+        "autoencoder_name": spec.name,
+        "weights_digest": ae.identity["weights_digest"],
+        "resolution": resolution,
+        "crop": images.CROP_RECIPE,
+        "image_channels": ae.image_channels,
+        "latent_shape": list(ae.latent_shape),
+        "latent_dtype": latent_dtype,
+        "shard_size": shard_size,
+        "num_rows": plan["num_rows"],
+    }
+    logger = get_run_logger()
+    if latents.store_exists(store_url):
+        info = latents.open_store(store_url)
+        diffs = _compatibility(info, wanted)
+        if diffs:
+            raise latents.StoreError(
+                f"{store_url} exists but was built differently ({'; '.join(diffs)}); delete it or pick another URL"
+            )
+        recorded = [r["index"] for r in latents.shard_records(store_url) if r]
+        logger.info(f"store {store_url}: resuming, {len(recorded)}/{info.num_shards} shards already written")
+    else:
+        attrs = {
+            "autoencoder": ae.identity,
+            "latent_scale": ae.latent_scale,
+            "latent_shift": ae.latent_shift,
+            "pixel_range": list(images.PIXEL_RANGE),
+            "crop": images.CROP_RECIPE,
+            "resolution": resolution,
+            "image_channels": ae.image_channels,
+            "flip": FLIP_POLICY,
+            "class_names": plan["class_names"],
+            "dataset_fingerprint": plan["fingerprint"],
+        }
+        info = latents.create(store_url, plan["num_rows"], ae.latent_shape, latent_dtype, shard_size, attrs)
+        recorded = []
+        c, h, w = ae.latent_shape
+        logger.info(f"store {store_url}: created, {info.num_rows} rows of ({c}, {h}, {w}) {latent_dtype}")
+    return {
+        "store_url": store_url,
+        "store_id": info.store_id,
+        "num_rows": info.num_rows,
+        "num_shards": info.num_shards,
+        "recorded": recorded,
+        "autoencoder": autoencoder,
+        "autoencoder_identity": ae.identity,
+        "preprocessing": {"crop": images.CROP_RECIPE, "resolution": resolution, "image_channels": ae.image_channels},
+    }
+
+
+@task(
+    name="encode-shard",
+    # Exclusions go on INPUTS itself: a compound policy's "-" adds a second Inputs policy beside the first.
+    cache_policy=(INPUTS - "files" - "source_url" - "batch_size") + TASK_SOURCE,
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=_retry_on_io_error,
+)
+def encode_shard(
+    store_url: str,
+    store_id: str,
+    shard_index: int,
+    shard_fingerprint: str,
+    autoencoder: dict[str, Any],
+    autoencoder_identity: dict[str, Any],
+    preprocessing: dict[str, Any],
+    on_bad_image: Literal["fail", "skip"],
+    source_url: str,
+    files: list[list[Any]],
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Encode one shard's images and write them as one whole Zarr shard, then its record. Returns a small
+    dict. The cache key is the rest of the inputs: ``store_id`` (a recreated store is a new one),
+    ``autoencoder_identity`` and ``preprocessing`` are there for it alone; ``files``, ``source_url`` and
+    ``batch_size`` are left out: the fingerprint stands for the files, the batch size changes nothing."""
+    record = latents.shard_record(store_url, shard_index)
+    if record and record.get("source_fingerprint") == shard_fingerprint:
+        # written by an earlier run whose cached result is gone: the record is the proof
+        return {"index": shard_index, "rows": len(files), "skipped": len(record["skipped"]), "encoded": False}
+    image_files = [images.ImageFile(rel, int(size), int(label)) for rel, size, label in files]
+    spec = AutoencoderSpec(**autoencoder)
+    extra = {"source_fingerprint": shard_fingerprint}
+    record = autoencoders.encode_shard(
+        store_url, shard_index, source_url, image_files, spec, on_bad_image, batch_size, extra
+    )
+    logger = get_run_logger()
+    for s in record["skipped"]:
+        logger.warning(f"shard {shard_index}: skipped bad image {s['source']}: {s['error']}")
+    seconds = record["encode_seconds"]
+    rate = len(files) / max(seconds, 1e-3)
+    logger.info(f"shard {shard_index}: {len(files)} rows encoded in {seconds:.2f} s ({rate:.0f} rows/s)")
+    return {"index": shard_index, "rows": len(files), "skipped": len(record["skipped"]), "encoded": True}
+
+
+def encode_shard_for(store_url: str, refresh_cache: bool = False) -> Task:
+    """``encode_shard`` with its results persisted beside ``store_url``; ``refresh_cache`` for shards that
+    have no record in the store, so that a stale cache entry can never stand in for missing data."""
+    return encode_shard.with_options(result_storage=result_storage(store_url), refresh_cache=refresh_cache)
+
+
+@task(name="store-status", cache_policy=NO_CACHE)
+def store_status(store_url: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"exists", "complete", ...attrs}`` of a store, without listing any source. With ``expect`` (attrs
+    such as ``resolution``, ``autoencoder_name``), a complete store that differs is an error, not a no-op."""
+    if not latents.store_exists(store_url):
+        return {"exists": False, "complete": False}
+    info = latents.open_store(store_url)
+    diffs = _compatibility(info, expect or {})
+    if info.complete and diffs:
+        raise latents.StoreError(f"{store_url} is complete but was built differently ({'; '.join(diffs)})")
+    return {"exists": True, **info.attrs}
+
+
+@task(name="finalize-store", cache_policy=NO_CACHE)
+def finalize_store(store_url: str) -> dict[str, Any]:
+    """Verify every shard against its record, write the report, set ``complete: true``."""
+    report = latents.finalize(store_url)
+    get_run_logger().info(
+        f"store {store_url}: complete, {report['num_valid']}/{report['num_rows']} rows valid,"
+        f" {report['num_skipped']} skipped"
+    )
+    return report
