@@ -42,6 +42,9 @@ class DataConfig(Section):
     workers: int | None = Field(None, ge=1)  # Dask workers of the LocalCluster; None = sized to the machine
     dask_address: str | None = None  # an existing Dask scheduler instead of a LocalCluster
     in_memory: Literal["auto", True, False] = "auto"  # reader keeps the whole store in memory
+    # Train on the stored horizontal flips too (ImageNet, the lineage's habit). Off for data whose mirror
+    # image is another thing: a mirrored digit is not a digit.
+    hflip: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

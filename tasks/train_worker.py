@@ -240,7 +240,10 @@ class Trainer:
             self.device = torch.device("cpu")
             torch.set_num_threads(self.t.torch_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
         self.ds = LatentDataset(
-            Root(cfg.root).latent_store(cfg.data.store_name), seed=self.t.seed, in_memory=cfg.data.in_memory
+            Root(cfg.root).latent_store(cfg.data.store_name),
+            seed=self.t.seed,
+            in_memory=cfg.data.in_memory,
+            flip=cfg.data.hflip,
         )
         self.ds.steps_per_epoch(self.t.batch_size_global)  # fails now if the store is smaller than a batch
         self.model_cfg = dit_config(cfg, self.ds.latent_shape, self.ds.num_classes)
