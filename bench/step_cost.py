@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 5 CPU, 20 GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: all cores)")
+    ap.add_argument("--presets", nargs="+", default=None, help="only these presets (e.g. debug)")
     ap.add_argument("--out", default="bench/results/step_cost.json")
     args = ap.parse_args()
     if args.threads:
@@ -117,6 +118,8 @@ def main() -> None:
     plan = [("debug", 64, False), ("DuMo-B/2", 2, False)]
     if gpu:
         plan = [("DuMo-B/2", 64, True), ("DuMo-XL/2", 32, True)]
+    if args.presets:
+        plan = [p for p in plan if p[0] in args.presets]
     rows = []
     for preset, batch, bf16 in plan:
         rows += bench_preset(preset, batch, steps, args.device, bf16, list(VARIANTS))

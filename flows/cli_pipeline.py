@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from flows.cli_common import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,14 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate the final checkpoint, print the results table.",
     )
     p.add_argument("config", help="a preset name in configs/ (demo, imagenet256-b2, imagenet256-xl2) or a YAML path")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.num_steps=2000 (repeatable)",
-    )
+    add_overrides(p, "train.num_steps=2000")
     p.set_defaults(func=run)
 
     d = sub.add_parser(
@@ -32,14 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "table and the path of the sample grid. Running it again reuses the store and the finished run.",
     )
     d.add_argument("--root", default="demo-root", help="local directory (or URL) for everything (default demo-root)")
-    d.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    add_overrides(d)
     d.set_defaults(func=demo)
 
     c = sub.add_parser(
@@ -51,14 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "under <root>/comparisons/<name>/.",
     )
     c.add_argument("config", help="a preset name in configs/ or a YAML path (e.g. configs/demo.yaml)")
-    c.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set compare.seeds=[0,1,2] (repeatable)",
-    )
+    add_overrides(c, "compare.seeds=[0,1,2]")
     c.set_defaults(func=compare)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flows.cli_common import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,14 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run under torchrun, and train.num_nodes > 1 uses the deepspeed launcher with train.hostfile.",
     )
     p.add_argument("--config", required=True, help="YAML file or preset name (e.g. demo)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.num_steps=200 (repeatable; value read as YAML)",
-    )
+    add_overrides(p, "train.num_steps=200")
     p.add_argument(
         "--no-prefect",
         action="store_true",
