@@ -17,24 +17,47 @@ def register(sub: argparse._SubParsersAction) -> None:
         "not sampled again: its record is printed. A record made under other settings of the same protocol name "
         "is replaced.",
     )
-    p.add_argument("checkpoint_url", metavar="CHECKPOINT_URL",
-                   help="a committed checkpoint directory: <root>/runs/<run>/checkpoints/step-XXXXXXX (any URL)")
-    p.add_argument("--protocol", help="protocol name, i.e. the evals/step-N/<protocol>/ directory (default: the "
-                   "run config's eval.protocol)")
+    p.add_argument(
+        "checkpoint_url",
+        metavar="CHECKPOINT_URL",
+        help="a committed checkpoint directory: <root>/runs/<run>/checkpoints/step-XXXXXXX (any URL)",
+    )
+    p.add_argument(
+        "--protocol",
+        help="protocol name, i.e. the evals/step-N/<protocol>/ directory (default: the run config's eval.protocol)",
+    )
     p.add_argument("--num-samples", type=int, metavar="N", help="samples per sampler, balanced over classes")
-    p.add_argument("--batch-size", type=int, metavar="B",
-                   help="sampling batch size (not part of the protocol: changes speed, not what is measured)")
-    p.add_argument("--feature-extractor", choices=["classifier", "inception-v3-compat"],
-                   help="classifier: a small CNN trained once on the dataset's labelled images (offline; FID in "
-                   "its feature space, class accuracy); inception-v3-compat: torch-fidelity's Inception-v3 (FID, "
-                   "IS, KID), needs its weights file")
-    p.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity Inception-v3 weights file (default: "
-                   "$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth; never downloaded)")
-    p.add_argument("--reference-npz", metavar="PATH", help="ADM-style reference statistics (mu, sigma) for FID, "
-                   "e.g. VIRTUAL_imagenet256_labeled.npz, instead of statistics computed from the real images")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help="sampling batch size (not part of the protocol: changes speed, not what is measured)",
+    )
+    p.add_argument(
+        "--feature-extractor",
+        choices=["classifier", "inception-v3-compat"],
+        help="classifier: a small CNN trained once on the dataset's labelled images (offline; FID in "
+        "its feature space, class accuracy); inception-v3-compat: torch-fidelity's Inception-v3 (FID, "
+        "IS, KID), needs its weights file",
+    )
+    p.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="torch-fidelity Inception-v3 weights file (default: "
+        "$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth; never downloaded)",
+    )
+    p.add_argument(
+        "--reference-npz",
+        metavar="PATH",
+        help="ADM-style reference statistics (mu, sigma) for FID, "
+        "e.g. VIRTUAL_imagenet256_labeled.npz, instead of statistics computed from the real images",
+    )
     p.add_argument("--seed", type=int, help="noise seed of the protocol")
-    p.add_argument("--no-prefect", action="store_true",
-                   help="call the evaluation function directly: no flow run, no artifacts, no retries")
+    p.add_argument(
+        "--no-prefect",
+        action="store_true",
+        help="call the evaluation function directly: no flow run, no artifacts, no retries",
+    )
     p.add_argument("--json", action="store_true", help="print the whole record as JSON instead of the table")
     p.set_defaults(func=run)
 
@@ -44,9 +67,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     overrides = {
-        "protocol": args.protocol, "num_samples": args.num_samples, "batch_size": args.batch_size,
-        "feature_extractor": args.feature_extractor, "inception_weights": args.inception_weights,
-        "reference_npz": args.reference_npz, "seed": args.seed,
+        "protocol": args.protocol,
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "feature_extractor": args.feature_extractor,
+        "inception_weights": args.inception_weights,
+        "reference_npz": args.reference_npz,
+        "seed": args.seed,
     }
     if args.no_prefect:
         from tasks.evaluate import evaluate_checkpoint, resolve_protocol

@@ -44,12 +44,20 @@ def evaluate_checkpoint_flow(
     run, url_step = checkpoint_step(checkpoint_url, step)
     eval_cfg = resolve_protocol(
         checkpoint_url,
-        **_overrides(protocol=protocol, num_samples=num_samples, batch_size=batch_size,
-                     feature_extractor=feature_extractor, inception_weights=inception_weights,
-                     reference_npz=reference_npz, seed=seed),
+        **_overrides(
+            protocol=protocol,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            feature_extractor=feature_extractor,
+            inception_weights=inception_weights,
+            reference_npz=reference_npz,
+            seed=seed,
+        ),
     )
-    get_run_logger().info(f"evaluating {run} step {url_step} under protocol {eval_cfg.protocol}"
-                          f" ({eval_cfg.num_samples} samples x {len(eval_cfg.samplers)} samplers)")
+    get_run_logger().info(
+        f"evaluating {run} step {url_step} under protocol {eval_cfg.protocol}"
+        f" ({eval_cfg.num_samples} samples x {len(eval_cfg.samplers)} samplers)"
+    )
     return evaluate_checkpoint_task(checkpoint_url, eval_cfg)
 
 
@@ -69,9 +77,15 @@ def reevaluate_checkpoints_flow(
     for its protocol (its run's ``eval`` section with these overrides). Returns a summary per checkpoint
     evaluated: run, step, protocol and the metrics directory. A failed evaluation does not stop the others;
     the flow fails at the end, naming them."""
-    overrides = _overrides(protocol=protocol, num_samples=num_samples, batch_size=batch_size,
-                           feature_extractor=feature_extractor, inception_weights=inception_weights,
-                           reference_npz=reference_npz, seed=seed)
+    overrides = _overrides(
+        protocol=protocol,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        feature_extractor=feature_extractor,
+        inception_weights=inception_weights,
+        reference_npz=reference_npz,
+        seed=seed,
+    )
     todo = find_unevaluated_task(root, run, None, overrides)
     logger = get_run_logger()
     logger.info(f"{len(todo)} checkpoint(s) under {root} without metrics for their protocol")
@@ -83,8 +97,14 @@ def reevaluate_checkpoints_flow(
             logger.error(f"evaluation of {url} failed: {state.message}")
             continue
         record = state.result()
-        done.append({"run": record["run"], "step": record["step"], "protocol": record["protocol"],
-                     "eval_dir": record["eval_dir"]})
+        done.append(
+            {
+                "run": record["run"],
+                "step": record["step"],
+                "protocol": record["protocol"],
+                "eval_dir": record["eval_dir"],
+            }
+        )
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(todo)} evaluations failed: {', '.join(failed)}")
     return done

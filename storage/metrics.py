@@ -255,13 +255,22 @@ def exclusive(
         if holder is not None and time.time() - float(holder.get("heartbeat", 0)) > stale_after_s:
             again = _read_lock(lock_url)  # re-read: break only the lock we judged stale
             if again is not None and again.get("token") == holder.get("token"):
-                log.warning("breaking stale lock %s (holder %s pid %s, silent for > %.0f s)",
-                            lock_url, holder.get("host"), holder.get("pid"), stale_after_s)
+                log.warning(
+                    "breaking stale lock %s (holder %s pid %s, silent for > %.0f s)",
+                    lock_url,
+                    holder.get("host"),
+                    holder.get("pid"),
+                    stale_after_s,
+                )
                 fs.remove(lock_url)
             continue
         if not logged:
-            log.info("waiting for lock %s (held by %s pid %s)", lock_url,
-                     (holder or {}).get("host"), (holder or {}).get("pid"))
+            log.info(
+                "waiting for lock %s (held by %s pid %s)",
+                lock_url,
+                (holder or {}).get("host"),
+                (holder or {}).get("pid"),
+            )
             logged = True
         time.sleep(poll_s)
     if logged:

@@ -109,8 +109,13 @@ def load_real_images(root: Root, store_url: str, tree_urls: list[str]) -> RealIm
     res, ch = int(attrs["resolution"]), int(attrs["image_channels"])
     cap = int(min(MAX_REAL_IMAGES, REAL_IMAGES_BUDGET_BYTES // (res * res * ch)))
     identity = {
-        "dataset_fingerprint": attrs["dataset_fingerprint"], "resolution": res, "image_channels": ch,
-        "crop": attrs.get("crop"), "max_images": cap, "split_seed": SPLIT_SEED, "version": 1,
+        "dataset_fingerprint": attrs["dataset_fingerprint"],
+        "resolution": res,
+        "image_channels": ch,
+        "crop": attrs.get("crop"),
+        "max_images": cap,
+        "split_seed": SPLIT_SEED,
+        "version": 1,
     }
     key = metrics.reference_key(identity)
     url = fs.join(root.references(key), metrics.REAL_IMAGES_FILE)
@@ -145,8 +150,14 @@ def load_real_images(root: Root, store_url: str, tree_urls: list[str]) -> RealIm
             cached = metrics.read_npz(url)
     assert cached is not None
     arrays, meta, _ = cached
-    return RealImages(arrays["images"], arrays["labels"].astype(np.int64), arrays["holdout_index"],
-                      arrays["reference_index"], key, meta)
+    return RealImages(
+        arrays["images"],
+        arrays["labels"].astype(np.int64),
+        arrays["holdout_index"],
+        arrays["reference_index"],
+        key,
+        meta,
+    )
 
 
 # -- feature extractors -------------------------------------------------------------------------------
@@ -221,8 +232,13 @@ def extract(extractor: Extractor, images: np.ndarray) -> tuple[np.ndarray, np.nd
 
 # -- reference ----------------------------------------------------------------------------------------
 def prepare(
-    root: Root, real: RealImages | None, feature_extractor: str, num_classes: int, device: torch.device,
-    inception_weights: str | None = None, reference_npz: str | None = None,
+    root: Root,
+    real: RealImages | None,
+    feature_extractor: str,
+    num_classes: int,
+    device: torch.device,
+    inception_weights: str | None = None,
+    reference_npz: str | None = None,
 ) -> tuple[Extractor, Reference]:
     """The feature extractor and its reference statistics, computed once per (real images, extractor) and
     cached as one object under ``references/<key>/``; ``reference_npz`` (ADM-style mu, sigma) replaces the
@@ -247,13 +263,21 @@ def prepare(
         if extractor is None:  # the classifier, as cached (whichever evaluation trained it)
             model = FeatureClassifier(ClassifierConfig(**meta["classifier_config"]))
             prefix = "classifier/"
-            model.load_state_dict({k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items()
-                                   if k.startswith(prefix)})
+            model.load_state_dict(
+                {k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
+            )
             extractor = ClassifierExtractor(model, device)
         reference = Reference(
-            arrays["mu"], arrays["sigma"], arrays["ref_features"], arrays["holdout_features"],
-            real.labels[real.holdout_index], arrays.get("holdout_logits"), arrays.get("holdout_is_logits"),
-            f"computed:{url}", digest, meta,
+            arrays["mu"],
+            arrays["sigma"],
+            arrays["ref_features"],
+            arrays["holdout_features"],
+            real.labels[real.holdout_index],
+            arrays.get("holdout_logits"),
+            arrays.get("holdout_is_logits"),
+            f"computed:{url}",
+            digest,
+            meta,
         )
     if reference_npz:
         data = fs.read_bytes(reference_npz)
@@ -261,8 +285,15 @@ def prepare(
             mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
         held = reference or Reference(mu, sigma, None, None, None, None, None, "", "", {})
         reference = Reference(
-            mu, sigma, None, held.holdout_features, held.holdout_labels, held.holdout_logits,
-            held.holdout_is_logits, f"npz:{reference_npz}", metrics.sha256_bytes(data),
+            mu,
+            sigma,
+            None,
+            held.holdout_features,
+            held.holdout_labels,
+            held.holdout_logits,
+            held.holdout_is_logits,
+            f"npz:{reference_npz}",
+            metrics.sha256_bytes(data),
             {**held.meta, "reference_npz": reference_npz},
         )
     if reference is None or extractor is None:
@@ -270,8 +301,9 @@ def prepare(
     return extractor, reference
 
 
-def _build_bundle(url: str, real: RealImages, name: str, extractor: Extractor | None, num_classes: int,
-                  device: torch.device) -> None:
+def _build_bundle(
+    url: str, real: RealImages, name: str, extractor: Extractor | None, num_classes: int, device: torch.device
+) -> None:
     """Compute and write one reference bundle. ``extractor`` None: train the classifier first, on the
     reference half only (the held-out half stays unseen, like generated samples)."""
     ref_images, ref_labels = real.images[real.reference_index], real.labels[real.reference_index]
@@ -288,8 +320,9 @@ def _build_bundle(url: str, real: RealImages, name: str, extractor: Extractor | 
     ref_features, _, _ = extract(extractor, ref_images)
     holdout_features, holdout_logits, holdout_is_logits = extract(extractor, real.images[real.holdout_index])
     f64 = ref_features.astype(np.float64)
-    arrays.update(mu=f64.mean(0), sigma=np.cov(f64, rowvar=False), ref_features=ref_features,
-                  holdout_features=holdout_features)
+    arrays.update(
+        mu=f64.mean(0), sigma=np.cov(f64, rowvar=False), ref_features=ref_features, holdout_features=holdout_features
+    )
     if holdout_is_logits is not None:
         arrays["holdout_is_logits"] = holdout_is_logits
     if holdout_logits is not None:
@@ -298,8 +331,13 @@ def _build_bundle(url: str, real: RealImages, name: str, extractor: Extractor | 
         meta["classifier_holdout_accuracy"] = acc
         log.info("classifier: held-out accuracy %.4f on %d real images", acc, len(holdout_logits))
     metrics.write_npz(url, arrays, meta)
-    log.info("reference %s: %d reference + %d held-out images, %d-d features", url, len(ref_features),
-             len(holdout_features), ref_features.shape[1])
+    log.info(
+        "reference %s: %d reference + %d held-out images, %d-d features",
+        url,
+        len(ref_features),
+        len(holdout_features),
+        ref_features.shape[1],
+    )
 
 
 # -- metrics ------------------------------------------------------------------------------------------
@@ -309,8 +347,9 @@ def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(w.clip(min=0))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     sigma2_sqrt: np.ndarray | None = None) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, sigma2_sqrt: np.ndarray | None = None
+) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2): the FID formula of Heusel et al. 2017 (TTUR), as
     torch_fidelity.metric_fid computes it. tr sqrt(S1 S2) is taken as the sum of the square roots of the
     eigenvalues of S2^1/2 S1 S2^1/2 (the same eigenvalues, and symmetric): eigvalsh instead of a general
@@ -339,8 +378,9 @@ def within_class_spread(features: np.ndarray, labels: np.ndarray) -> float | Non
     return float(np.mean(per_class)) if per_class else None
 
 
-def nearest_l2(queries: np.ndarray, keys: np.ndarray, self_index: np.ndarray | None = None,
-               device: torch.device | None = None) -> np.ndarray:
+def nearest_l2(
+    queries: np.ndarray, keys: np.ndarray, self_index: np.ndarray | None = None, device: torch.device | None = None
+) -> np.ndarray:
     """For each query image, the L2 distance ([0, 1] pixel units) to the nearest key image; ``self_index``
     excludes each query's own row of ``keys`` (leave-one-out). The search runs in float32 matmuls; the
     distance to the neighbour found is then recomputed exactly, so a copy measures 0, not rounding noise."""
@@ -363,9 +403,17 @@ def nearest_l2(queries: np.ndarray, keys: np.ndarray, self_index: np.ndarray | N
     return np.linalg.norm(queries.reshape(len(queries), -1).astype(np.float64) / 255 - nearest, axis=1)
 
 
-def score(features: np.ndarray, class_logits: np.ndarray | None, is_logits: np.ndarray | None,
-          labels: np.ndarray, nn_images: np.ndarray | None, reference: Reference, real: RealImages | None,
-          nn_self_index: np.ndarray | None = None, device: torch.device | None = None) -> dict[str, Any]:
+def score(
+    features: np.ndarray,
+    class_logits: np.ndarray | None,
+    is_logits: np.ndarray | None,
+    labels: np.ndarray,
+    nn_images: np.ndarray | None,
+    reference: Reference,
+    real: RealImages | None,
+    nn_self_index: np.ndarray | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """All metrics of one labelled image set (see the module docstring)."""
     out: dict[str, Any] = {"num_images": len(features), "fid": fid_to(features, reference)}
     out["class_accuracy"] = None if class_logits is None else float((class_logits.argmax(1) == labels).mean())
@@ -390,14 +438,20 @@ def score(features: np.ndarray, class_logits: np.ndarray | None, is_logits: np.n
             from torch_fidelity.metric_kid import kid_features_to_metric
 
             size = min(1000, len(features), len(reference.ref_features))
-            kid = kid_features_to_metric(torch.from_numpy(features), torch.from_numpy(reference.ref_features),
-                                         kid_subsets=100, kid_subset_size=size, verbose=False)
+            kid = kid_features_to_metric(
+                torch.from_numpy(features),
+                torch.from_numpy(reference.ref_features),
+                kid_subsets=100,
+                kid_subset_size=size,
+                verbose=False,
+            )
             out["kid"], out["kid_std"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
     return out
 
 
-def real_baseline(reference: Reference, real: RealImages | None, num_images: int,
-                  device: torch.device | None = None) -> dict[str, Any] | None:
+def real_baseline(
+    reference: Reference, real: RealImages | None, num_images: int, device: torch.device | None = None
+) -> dict[str, Any] | None:
     """The metrics of up to ``num_images`` held-out real images: what a perfect generator would score."""
     if reference.holdout_features is None or real is None:
         return None
@@ -406,5 +460,14 @@ def real_baseline(reference: Reference, real: RealImages | None, num_images: int
     nn = min(n, NN_MAX_QUERIES)
     logits = None if reference.holdout_logits is None else reference.holdout_logits[:n]
     is_logits = None if reference.holdout_is_logits is None else reference.holdout_is_logits[:n]
-    return score(reference.holdout_features[:n], logits, is_logits, reference.holdout_labels[:n],
-                 real.images[idx[:nn]], reference, real, nn_self_index=idx[:nn], device=device)
+    return score(
+        reference.holdout_features[:n],
+        logits,
+        is_logits,
+        reference.holdout_labels[:n],
+        real.images[idx[:nn]],
+        reference,
+        real,
+        nn_self_index=idx[:nn],
+        device=device,
+    )

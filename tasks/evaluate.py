@@ -123,12 +123,24 @@ def evaluate_checkpoint(checkpoint_url: str, eval_cfg: EvalConfig | None = None,
         with metrics.exclusive(fs.join(eval_dir, metrics.LOCK_FILE)):
             record = metrics.cached_record(eval_dir, digest, phash)  # made while we waited?
             if record is None:
-                record = _evaluate(url, root, run, step, config_from_yaml_text(cfg_yaml), eval_cfg, digest, phash,
-                                   eval_dir, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+                record = _evaluate(
+                    url,
+                    root,
+                    run,
+                    step,
+                    config_from_yaml_text(cfg_yaml),
+                    eval_cfg,
+                    digest,
+                    phash,
+                    eval_dir,
+                    torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                )
                 publish_artifacts(record)
                 return record
-    _logger().info(f"{run} step {step} protocol {eval_cfg.protocol}: cached record in {eval_dir}"
-                   " (same checkpoint digest and protocol hash); nothing sampled")
+    _logger().info(
+        f"{run} step {step} protocol {eval_cfg.protocol}: cached record in {eval_dir}"
+        " (same checkpoint digest and protocol hash); nothing sampled"
+    )
     publish_artifacts(record)
     return record
 
@@ -140,8 +152,10 @@ def _load_model(url: str, device: torch.device) -> torch.nn.Module:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     # the EMA holds the trainable parameters; frozen ones (sin-cos positions) come from the constructor
     if unexpected or trainable & set(missing):
-        raise ValueError(f"{url}: EMA weights do not fit the model (missing {sorted(trainable & set(missing))[:5]},"
-                         f" unexpected {sorted(unexpected)[:5]})")
+        raise ValueError(
+            f"{url}: EMA weights do not fit the model (missing {sorted(trainable & set(missing))[:5]},"
+            f" unexpected {sorted(unexpected)[:5]})"
+        )
     return model.to(device).eval()
 
 
@@ -153,8 +167,10 @@ def _autoencoder(attrs: dict[str, Any], cfg: PipelineConfig) -> Any:
     if spec.name == "sd-vae":
         found = describe(spec, int(attrs["image_channels"]), int(attrs["resolution"])).identity
         if found["weights_digest"] != identity["weights_digest"]:
-            raise ValueError(f"VAE {spec.vae} is not the one the store was encoded with "
-                             f"({found['weights_digest']} != {identity['weights_digest']})")
+            raise ValueError(
+                f"VAE {spec.vae} is not the one the store was encoded with "
+                f"({found['weights_digest']} != {identity['weights_digest']})"
+            )
     return get_autoencoder(spec)
 
 
@@ -171,8 +187,18 @@ def _tree_urls(root: Root, attrs: dict[str, Any], cfg: PipelineConfig) -> list[s
     return list(dict.fromkeys(urls))
 
 
-def _evaluate(url: str, root: Root, run: str, step: int, cfg: PipelineConfig, eval_cfg: EvalConfig, digest: str,
-              phash: str, eval_dir: str, device: torch.device) -> dict[str, Any]:
+def _evaluate(
+    url: str,
+    root: Root,
+    run: str,
+    step: int,
+    cfg: PipelineConfig,
+    eval_cfg: EvalConfig,
+    digest: str,
+    phash: str,
+    eval_dir: str,
+    device: torch.device,
+) -> dict[str, Any]:
     logger = _logger()
     t_start = time.perf_counter()
     model = _load_model(url, device)
@@ -189,18 +215,24 @@ def _evaluate(url: str, root: Root, run: str, step: int, cfg: PipelineConfig, ev
             raise
         logger.warning("no real images of the dataset found: FID against the npz only, no baselines")
         real = None
-    extractor, reference = eval_metrics.prepare(root, real, eval_cfg.feature_extractor, num_classes, device,
-                                                eval_cfg.inception_weights, eval_cfg.reference_npz)
+    extractor, reference = eval_metrics.prepare(
+        root, real, eval_cfg.feature_extractor, num_classes, device, eval_cfg.inception_weights, eval_cfg.reference_npz
+    )
     n = eval_cfg.num_samples
     labels = np.arange(n) % num_classes  # balanced: class k at k, k + K, k + 2K, ...
     baseline = eval_metrics.real_baseline(reference, real, n, device)
     per_sampler, blocks, files = {}, [], {}
     for i, sampler_cfg in enumerate(eval_cfg.samplers):
         name = metrics.samples_filename(i, sampler_cfg.label)
-        result, block, sha = _sample_and_score(model, ae, sampler_cfg, labels, eval_cfg, extractor, reference,
-                                               real, fs.join(eval_dir, name), device)
-        per_sampler[sampler_cfg.label] = {"sampler": asdict(sampler_cfg), **result, "samples_file": name,
-                                          "samples_sha256": sha}
+        result, block, sha = _sample_and_score(
+            model, ae, sampler_cfg, labels, eval_cfg, extractor, reference, real, fs.join(eval_dir, name), device
+        )
+        per_sampler[sampler_cfg.label] = {
+            "sampler": asdict(sampler_cfg),
+            **result,
+            "samples_file": name,
+            "samples_sha256": sha,
+        }
         files[name] = sha
         blocks.append(block)
         logger.info(
@@ -226,10 +258,16 @@ def _evaluate(url: str, root: Root, run: str, step: int, cfg: PipelineConfig, ev
         "eval_dir": eval_dir,
         "num_samples": n,
         "num_classes": num_classes,
-        "feature_extractor": {"name": extractor.name, "id": getattr(extractor, "id", None),
-                              "classifier_holdout_accuracy": reference.meta.get("classifier_holdout_accuracy")},
-        "reference": {"source": reference.source, "digest": reference.digest,
-                      "real_images": real.meta if real is not None else None},
+        "feature_extractor": {
+            "name": extractor.name,
+            "id": getattr(extractor, "id", None),
+            "classifier_holdout_accuracy": reference.meta.get("classifier_holdout_accuracy"),
+        },
+        "reference": {
+            "source": reference.source,
+            "digest": reference.digest,
+            "real_images": real.meta if real is not None else None,
+        },
         "real": baseline,
         "samplers": per_sampler,
         "files": files,
@@ -245,8 +283,18 @@ def _evaluate(url: str, root: Root, run: str, step: int, cfg: PipelineConfig, ev
 
 
 @torch.no_grad()
-def _sample_and_score(model, ae, sampler_cfg, labels: np.ndarray, eval_cfg: EvalConfig, extractor, reference,
-                      real, samples_url: str, device: torch.device) -> tuple[dict[str, Any], np.ndarray, str]:
+def _sample_and_score(
+    model,
+    ae,
+    sampler_cfg,
+    labels: np.ndarray,
+    eval_cfg: EvalConfig,
+    extractor,
+    reference,
+    real,
+    samples_url: str,
+    device: torch.device,
+) -> tuple[dict[str, Any], np.ndarray, str]:
     """Generate, decode and write the samples of one sampler batch by batch; returns (metrics, grid block,
     samples sha256). The noise comes from the protocol seed, so every sampler starts from the same noise."""
     t0 = time.perf_counter()
@@ -262,8 +310,9 @@ def _sample_and_score(model, ae, sampler_cfg, labels: np.ndarray, eval_cfg: Eval
             y = torch.from_numpy(labels[lo : lo + eval_cfg.batch_size]).to(device)
             noise = torch.randn((len(y), c, h, h), generator=gen).to(device)
             images = eval_metrics.to_uint8(ae.decode(sample(model, noise, y, sampler_cfg).float())).cpu().numpy()
-            hwc = np.ascontiguousarray(np.broadcast_to(images.transpose(0, 2, 3, 1), (*images.shape[:1],
-                                       *images.shape[2:], 3)))  # (b, H, W, 3), grey repeated
+            hwc = np.ascontiguousarray(
+                np.broadcast_to(images.transpose(0, 2, 3, 1), (*images.shape[:1], *images.shape[2:], 3))
+            )  # (b, H, W, 3), grey repeated
             if writer is None:
                 writer = metrics.SamplesWriter(samples_url, labels, hwc.shape[1], hwc.shape[2])
                 block = np.full((rows, GRID_COLUMNS, *hwc.shape[1:]), 128, np.uint8)
@@ -285,9 +334,15 @@ def _sample_and_score(model, ae, sampler_cfg, labels: np.ndarray, eval_cfg: Eval
             writer.abort()
         raise
     result = eval_metrics.score(
-        np.concatenate(feats), None if class_logits[0] is None else np.concatenate(class_logits),
-        None if is_logits[0] is None else np.concatenate(is_logits), labels, np.concatenate(nn_images),
-        reference, real, device=device)
+        np.concatenate(feats),
+        None if class_logits[0] is None else np.concatenate(class_logits),
+        None if is_logits[0] is None else np.concatenate(is_logits),
+        labels,
+        np.concatenate(nn_images),
+        reference,
+        real,
+        device=device,
+    )
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result, block, sha
 
@@ -325,16 +380,27 @@ def _transient_io(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError)
 
 
-@task(name="evaluate-checkpoint", cache_policy=NO_CACHE, retries=3,
-      retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=_transient_io)
+@task(
+    name="evaluate-checkpoint",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_condition_fn=_transient_io,
+)
 def evaluate_checkpoint_task(checkpoint_url: str, eval_cfg: EvalConfig | None = None) -> dict[str, Any]:
     """``evaluate_checkpoint`` as a task. Caching is the record's (digest + protocol hash), not Prefect's, so
     it holds across servers, machines and runs without persisted results."""
     return evaluate_checkpoint(checkpoint_url, eval_cfg)
 
 
-@task(name="find-unevaluated", cache_policy=NO_CACHE, retries=2,
-      retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_transient_io)
-def find_unevaluated_task(root_url: str, run: str | None = None, eval_cfg: EvalConfig | None = None,
-                          overrides: dict[str, Any] | None = None) -> list[str]:
+@task(
+    name="find-unevaluated",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_condition_fn=_transient_io,
+)
+def find_unevaluated_task(
+    root_url: str, run: str | None = None, eval_cfg: EvalConfig | None = None, overrides: dict[str, Any] | None = None
+) -> list[str]:
     return find_unevaluated(root_url, run, eval_cfg, overrides)

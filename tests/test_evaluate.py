@@ -44,9 +44,16 @@ def _build_store(root: Root, src: images.ImageSource, channels: int, name: str) 
     spec = AutoencoderSpec("pixels")
     info = describe(spec, channels, 8)
     attrs = {
-        "autoencoder": info.identity, "latent_scale": 1.0, "latent_shift": 0.0, "pixel_range": [-1.0, 1.0],
-        "crop": images.CROP_RECIPE, "resolution": 8, "image_channels": channels, "flip": "stored",
-        "class_names": list(src.class_names), "dataset_fingerprint": src.fingerprint,
+        "autoencoder": info.identity,
+        "latent_scale": 1.0,
+        "latent_shift": 0.0,
+        "pixel_range": [-1.0, 1.0],
+        "crop": images.CROP_RECIPE,
+        "resolution": 8,
+        "image_channels": channels,
+        "flip": "stored",
+        "class_names": list(src.class_names),
+        "dataset_fingerprint": src.fingerprint,
     }
     store = root.latent_store(name)
     latents.create(store, len(src), info.latent_shape, "float32", len(src), attrs)
@@ -73,8 +80,12 @@ def digits(tmp_path_factory) -> tuple[Root, PipelineConfig]:
     root = Root(str(tmp_path_factory.mktemp("eval") / "root"))
     _build_store(root, images.write_digits(root.images("digits")), 1, "digits-8")
     cfg = PipelineConfig.model_validate(
-        {"name": RUN, "root": root.url, "data": {"store_name": "digits-8"},
-         "eval": {"num_samples": N, "batch_size": 100}}
+        {
+            "name": RUN,
+            "root": root.url,
+            "data": {"store_name": "digits-8"},
+            "eval": {"num_samples": N, "batch_size": 100},
+        }
     )
     return root, cfg
 
@@ -108,8 +119,10 @@ def test_evaluation_writes_the_documented_record_and_files(digits) -> None:
         assert imgs.shape == (N, 8, 8, 3) and imgs.dtype == np.uint8 and labels.shape == (N,)
         assert np.array_equal(np.bincount(labels), np.full(10, N // 10))  # balanced over classes
         assert np.array_equal(imgs[..., 0], imgs[..., 2])  # grey, repeated into RGB
-    one, two = (np.load(io.BytesIO(fs.read_bytes(fs.join(eval_dir, f))))["images"]
-                for f in ("samples.npz", "samples-2-step.npz"))
+    one, two = (
+        np.load(io.BytesIO(fs.read_bytes(fs.join(eval_dir, f))))["images"]
+        for f in ("samples.npz", "samples-2-step.npz")
+    )
     assert not np.array_equal(one, two)
     assert record["files"]["grid.png"] == _sha(fs.join(eval_dir, "grid.png"))
     grid = Image.open(io.BytesIO(fs.read_bytes(fs.join(eval_dir, "grid.png"))))
@@ -158,8 +171,16 @@ def test_two_concurrent_evaluations_leave_one_consistent_record(digits, tmp_path
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, url, str(barrier), str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, url, str(barrier), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=300)
@@ -211,8 +232,10 @@ def _random_inception(path: str) -> None:
 
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
+    ):
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     torch.manual_seed(0)
     for m in net.modules():
@@ -240,11 +263,20 @@ def rgb_run(tmp_path_factory) -> tuple[Root, PipelineConfig, str, str]:
     _build_store(root, images.list_images(root.images("rgb")), 3, "rgb-8")
     weights = str(tmp / "inception.pth")
     _random_inception(weights)
-    cfg = PipelineConfig.model_validate({
-        "name": "rgb", "root": root.url, "data": {"source": root.images("rgb"), "store_name": "rgb-8"},
-        "eval": {"samplers": ["one_step"], "num_samples": 9, "batch_size": 9,
-                 "feature_extractor": "inception-v3-compat", "inception_weights": weights},
-    })
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "rgb",
+            "root": root.url,
+            "data": {"source": root.images("rgb"), "store_name": "rgb-8"},
+            "eval": {
+                "samplers": ["one_step"],
+                "num_samples": 9,
+                "batch_size": 9,
+                "feature_extractor": "inception-v3-compat",
+                "inception_weights": weights,
+            },
+        }
+    )
     url = _checkpoint(root, cfg, 10, in_channels=3, num_classes=3)
     return root, cfg, url, weights
 
