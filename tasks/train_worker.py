@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -44,6 +43,7 @@ from storage import checkpoints as ckpts
 from storage import fs
 from storage.latent_dataset import LatentDataset
 from storage.layout import Root, RunLayout
+from storage.train_log import TrainLog, read_train_log
 from tasks.config import PipelineConfig, TrainConfig, config_from_yaml_text
 from tasks.modeling import dit_config
 
@@ -149,75 +149,25 @@ def consolidated_weights(ckpt_url: str) -> dict[str, torch.Tensor]:
 # Train log and loss curve (rank 0)
 
 
-def read_train_log(layout: RunLayout) -> list[dict[str, Any]]:
-    """A run's per-step records, one per step (where a resumed run redid a step, its later record wins)."""
-    if not fs.exists(layout.train_log):
-        return []
-    by_step = {}
-    # Only whole lines: the last one may be half-appended (being written, or cut by a crash)
-    for line in fs.read_text(layout.train_log).split("\n")[:-1]:
-        if line.strip():
-            rec = json.loads(line)
-            by_step[int(rec["step"])] = rec
-    return [by_step[s] for s in sorted(by_step)]
+def plot_loss_curve(layout: RunLayout, records: list[dict[str, Any]]) -> None:
+    """loss.png in the run directory: the loss terms against the step, log scale."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-class TrainLog:
-    """JSON lines at runs/<run>/train-log.jsonl: step, loss, loss_v, loss_u (None where the objective has no
-    such term), grad_norm, lr, images_per_s, world_size. A local file is appended to at every log window; an
-    object cannot be appended to, so it is rewritten at most every REMOTE_FLUSH_S and at each checkpoint."""
-
-    REMOTE_FLUSH_S = 60.0
-
-    def __init__(self, layout: RunLayout, keep_until: int):
-        self.layout, self.url = layout, layout.train_log
-        # A crash leaves records past the checkpoint resumed from: drop them, those steps are redone.
-        self.records = [r for r in read_train_log(layout) if r["step"] <= keep_until]
-        fs.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
-        self.unflushed: list[dict[str, Any]] = []
-        self.flushed_at = time.monotonic()
-
-    def add(self, step_losses: list[tuple[int, list[float], Any, float]], images_per_s: float, world: int) -> dict:
-        new = []
-        for step, losses, grad_norm, lr in step_losses:
-            loss, loss_v, loss_u = (None if math.isnan(v) else v for v in losses)
-            grad_norm = None if grad_norm is None else float(grad_norm)
-            rec = dict(step=step, loss=loss, loss_v=loss_v, loss_u=loss_u, lr=lr, grad_norm=grad_norm)
-            new.append({**rec, "images_per_s": images_per_s, "world_size": world})
-        self.records += new
-        self.unflushed += new
-        self.flush(force=fs.is_local(self.url))
-        return new[-1]
-
-    def flush(self, force: bool = True) -> None:
-        if not self.unflushed or not (force or time.monotonic() - self.flushed_at > self.REMOTE_FLUSH_S):
-            return
-        if fs.is_local(self.url):
-            with open(fs.local_path(self.url), "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.unflushed)
-        else:
-            fs.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
-        self.unflushed, self.flushed_at = [], time.monotonic()
-
-    def plot(self) -> None:
-        """loss.png in the run directory: the loss terms against the step, log scale."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        for key in ("loss", "loss_v", "loss_u"):
-            points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), label=key, linewidth=1)
-        ax.set(xlabel="step", ylabel="loss (batch mean)", yscale="log", title=self.layout.name)
-        ax.legend()
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        fs.write_bytes(self.layout.loss_curve, buf.getvalue())
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key in ("loss", "loss_v", "loss_u"):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), label=key, linewidth=1)
+    ax.set(xlabel="step", ylabel="loss (batch mean)", yscale="log", title=layout.name)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    fs.write_bytes(layout.loss_curve, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +260,7 @@ class Trainer:
         if self.is_main:
             ckpts.write_weights(url, self.ema.state_dict(), asdict(self.model_cfg), self.config_yaml)
             self.train_log.flush()
-            self.train_log.plot()
+            plot_loss_curve(self.layout, self.train_log.records)
             ckpts.commit(url, step, extra={"trainer": state})  # the marker, last
             removed = ckpts.apply_retention(self.layout, self.t.keep_last, self.t.keep_every)
             self.log(f"checkpoint step {step} committed at {url}" + (f"; removed steps {removed}" if removed else ""))

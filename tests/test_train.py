@@ -28,10 +28,11 @@ from storage import fs, latents
 from storage.autoencoders import AutoencoderSpec, describe, encode_files
 from storage.images import CROP_RECIPE, PIXEL_RANGE, fingerprint, write_digits
 from storage.layout import Root
+from storage.train_log import read_train_log
 from tasks import train as train_mod
 from tasks.config import load_config
 from tasks.train import launch_command, train_run
-from tasks.train_worker import consolidated_weights, deepspeed_config, read_train_log, step_generator
+from tasks.train_worker import consolidated_weights, deepspeed_config, step_generator
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
 from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 

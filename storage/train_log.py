@@ -1,0 +1,67 @@
+"""A run's training log on any root: JSON lines at ``runs/<run>/train-log.jsonl``.
+
+One record per step: ``step``, ``loss``, ``loss_v``, ``loss_u`` (None where the objective has no such
+term), ``grad_norm``, ``lr``, ``images_per_s``, ``world_size``. A resumed run redoes the steps after its
+checkpoint, so where a step appears twice its later record wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from storage import fs
+from storage.layout import RunLayout
+
+
+def read_train_log(layout: RunLayout) -> list[dict[str, Any]]:
+    """A run's per-step records, one per step (where a resumed run redid a step, its later record wins)."""
+    if not fs.exists(layout.train_log):
+        return []
+    by_step = {}
+    # Only whole lines: the last one may be half-appended (being written, or cut by a crash)
+    for line in fs.read_text(layout.train_log).split("\n")[:-1]:
+        if line.strip():
+            rec = json.loads(line)
+            by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class TrainLog:
+    """The writer. A local file is appended to at every log window; an object cannot be appended to, so it is
+    rewritten at most every REMOTE_FLUSH_S and at each checkpoint (``flush()``)."""
+
+    REMOTE_FLUSH_S = 60.0
+
+    def __init__(self, layout: RunLayout, keep_until: int):
+        self.layout, self.url = layout, layout.train_log
+        # A crash leaves records past the checkpoint resumed from: drop them, those steps are redone.
+        self.records = [r for r in read_train_log(layout) if r["step"] <= keep_until]
+        fs.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.unflushed: list[dict[str, Any]] = []
+        self.flushed_at = time.monotonic()
+
+    def add(self, step_losses: list[tuple[int, list[float], Any, float]], images_per_s: float, world: int) -> dict:
+        """Records for ``(step, [loss, loss_v, loss_u], grad_norm, lr)`` rows (NaN = no such term); the last."""
+        new = []
+        for step, losses, grad_norm, lr in step_losses:
+            loss, loss_v, loss_u = (None if math.isnan(v) else v for v in losses)
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            rec = dict(step=step, loss=loss, loss_v=loss_v, loss_u=loss_u, lr=lr, grad_norm=grad_norm)
+            new.append({**rec, "images_per_s": images_per_s, "world_size": world})
+        self.records += new
+        self.unflushed += new
+        self.flush(force=fs.is_local(self.url))
+        return new[-1]
+
+    def flush(self, force: bool = True) -> None:
+        if not self.unflushed or not (force or time.monotonic() - self.flushed_at > self.REMOTE_FLUSH_S):
+            return
+        if fs.is_local(self.url):
+            with open(fs.local_path(self.url), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.unflushed)
+        else:
+            fs.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.unflushed, self.flushed_at = [], time.monotonic()
