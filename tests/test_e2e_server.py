@@ -247,3 +247,39 @@ def test_checkpoint_events_start_evaluate_checkpoint(
         metrics_files = list((workdir / "root" / "runs" / RUN / "evals" / f"step-{step:07d}").glob("*/metrics.json"))
         assert metrics_files, f"no metrics.json for step {step}"
         assert json.loads(metrics_files[0].read_text())["step"] == step
+
+
+def test_the_nightly_schedule_evaluates_a_checkpoint_left_without_metrics(
+    local: LocalPrefect, pipeline_run: dict[str, Any], workdir: Path
+) -> None:
+    """The server's scheduler turns the cron of prefect.yaml into scheduled runs; one of them, made due now
+    (the test cannot wait for 03:00 UTC), evaluates the checkpoint whose metrics were lost, and only that."""
+    import shutil
+    from datetime import UTC, datetime
+
+    from prefect.states import Scheduled
+
+    evals = workdir / "root" / "runs" / RUN / "evals"
+    lost, kept = evals / f"step-{CHECKPOINT_EVERY:07d}", evals / f"step-{NUM_STEPS:07d}"
+    kept_metrics = sorted(kept.glob("*/metrics.json"))
+    assert kept_metrics and list(lost.glob("*/metrics.json")), "the earlier tests should have evaluated both steps"
+    kept_before = {p: p.read_bytes() for p in kept_metrics}
+    shutil.rmtree(lost)
+
+    def scheduled() -> list[Any]:
+        return [r for r in runs_of(local, "reevaluate-checkpoints/nightly") if r.state and r.state.is_scheduled()]
+
+    runs = wait_for("the scheduler to create runs of reevaluate-checkpoints/nightly", scheduled, timeout=120)
+    for r in runs:  # the cron of prefect.yaml: every day at 03:00 UTC, in the future
+        start = r.expected_start_time.astimezone(UTC)
+        assert (start.hour, start.minute) == (3, 0) and start > datetime.now(UTC), start
+        assert r.parameters == {"root": local.root}
+    first = min(runs, key=lambda r: r.expected_start_time)
+    with client(local) as c:
+        c.set_flow_run_state(first.id, Scheduled(scheduled_time=datetime.now(UTC)), force=True)
+    output = local.run_worker_once(timeout=900)
+    assert_completed(local, first.id, output)
+
+    (record_file,) = lost.glob("*/metrics.json")
+    assert json.loads(record_file.read_text())["step"] == CHECKPOINT_EVERY
+    assert {p: p.read_bytes() for p in kept_metrics} == kept_before  # the evaluated step was left alone
