@@ -22,8 +22,21 @@ from tasks.evaluate import checkpoint_step, evaluate_checkpoint_task, find_uneva
 FeatureExtractor = Literal["classifier", "inception-v3-compat"]
 
 
-def _overrides(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
+# The protocol overrides both flows take as parameters (Prefect needs each spelt out in the signature).
+PROTOCOL_PARAMETERS = (
+    "protocol",
+    "num_samples",
+    "batch_size",
+    "feature_extractor",
+    "inception_weights",
+    "reference_npz",
+    "seed",
+)
+
+
+def _overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """The protocol overrides among a flow's parameters (``locals()``) that were given."""
+    return {k: params[k] for k in PROTOCOL_PARAMETERS if params[k] is not None}
 
 
 @flow(name="evaluate-checkpoint")
@@ -41,19 +54,9 @@ def evaluate_checkpoint_flow(
     """Evaluate the committed checkpoint at ``checkpoint_url`` (``…/runs/<run>/checkpoints/step-N``).
     ``step``, when given (the event payload carries it), must match the URL. Returns the metrics record;
     a checkpoint already evaluated under the same protocol returns its record without sampling."""
+    overrides = _overrides(locals())
     run, url_step = checkpoint_step(checkpoint_url, step)
-    eval_cfg = resolve_protocol(
-        checkpoint_url,
-        **_overrides(
-            protocol=protocol,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            feature_extractor=feature_extractor,
-            inception_weights=inception_weights,
-            reference_npz=reference_npz,
-            seed=seed,
-        ),
-    )
+    eval_cfg = resolve_protocol(checkpoint_url, **overrides)
     get_run_logger().info(
         f"evaluating {run} step {url_step} under protocol {eval_cfg.protocol}"
         f" ({eval_cfg.num_samples} samples x {len(eval_cfg.samplers)} samplers)"
@@ -77,15 +80,7 @@ def reevaluate_checkpoints_flow(
     for its protocol (its run's ``eval`` section with these overrides). Returns a summary per checkpoint
     evaluated: run, step, protocol and the metrics directory. A failed evaluation does not stop the others;
     the flow fails at the end, naming them."""
-    overrides = _overrides(
-        protocol=protocol,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        feature_extractor=feature_extractor,
-        inception_weights=inception_weights,
-        reference_npz=reference_npz,
-        seed=seed,
-    )
+    overrides = _overrides(locals())
     todo = find_unevaluated_task(root, run, None, overrides)
     logger = get_run_logger()
     logger.info(f"{len(todo)} checkpoint(s) under {root} without metrics for their protocol")
