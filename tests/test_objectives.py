@@ -180,7 +180,8 @@ def test_dumo_learns_a_class_conditional_2d_mixture_in_one_step():
 @pytest.mark.slow
 def test_demo_recipe_learns_the_digits_and_its_ema_samples_them_in_one_step():
     """The demo's network and optimiser on the scikit-learn digits, in-process (no DeepSpeed): the 1-step
-    samples of the EMA weights are recognised as their class. Without EMA warm-up they score ~0.1."""
+    samples of the EMA weights are recognised as their class (0.933 at 400 steps; the test asks 0.85). Without
+    EMA warm-up they score ~0.1."""
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
@@ -191,7 +192,7 @@ def test_demo_recipe_learns_the_digits_and_its_ema_samples_them_in_one_step():
     y_all = torch.tensor(digits.target)
     judge = LogisticRegression(max_iter=3000).fit(x_all.flatten(1).numpy(), y_all.numpy())
     torch.manual_seed(0)
-    model = build_model("debug", hidden_size=128, depth=4, num_heads=4)
+    model = build_model("debug", hidden_size=128, depth=4, num_heads=4, time_scale=1.0)
     obj = Objective(ObjectiveConfig(label_dropout=0.0), num_classes=10)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     ema = EMA(model, decay=0.999)
