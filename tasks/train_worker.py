@@ -105,7 +105,10 @@ def check_resumable(state: dict[str, Any], train: TrainConfig, model: dict[str, 
     True when it needs DeepSpeed's universal format (ZeRO 1/2 at another world size), else False."""
     if saved_model != model:
         diff = sorted(k for k in set(model) | set(saved_model) if model.get(k) != saved_model.get(k))
-        raise ValueError(f"{url} holds another network (differs in {diff}); start a new run name")
+        raise ValueError(
+            f"{url} holds another network (differs in {diff}): this run cannot continue from it. Use a new run"
+            " name (--set name=NEW) or delete the run's directory to start it again"
+        )
     for key in ("zero_stage", "precision"):
         if state.get(key) != getattr(train, key):
             raise ValueError(

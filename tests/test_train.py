@@ -32,7 +32,7 @@ from storage.train_log import read_train_log
 from tasks import train as train_mod
 from tasks.config import load_config
 from tasks.train import launch_command, train_run
-from tasks.train_worker import consolidated_weights, deepspeed_config, step_generator
+from tasks.train_worker import check_resumable, consolidated_weights, deepspeed_config, step_generator
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
 from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 
@@ -387,3 +387,14 @@ def test_train_flow_emits_checkpoint_events(prefect_harness, store_root, tmp_pat
         time.sleep(0.5)
     payloads = sorted((e.payload["step"], e.payload["checkpoint_url"]) for e in events)
     assert payloads == [(1, run.checkpoint(1)), (2, run.checkpoint(2))]
+
+
+def test_a_checkpoint_of_another_network_is_refused_with_the_difference_and_the_way_out():
+    """E.g. a demo root left by an older configs/demo.yaml: the error names the changed field and says what
+    to do, instead of loading weights into the wrong network."""
+    cfg = load_config("demo")
+    model = {"hidden_size": 128, "depth": 4, "time_scale": 1.0}
+    state = {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "world_size": 1}
+    assert check_resumable(state, cfg.train, model, dict(model), "file:///r/checkpoints/step-1") is False
+    with pytest.raises(ValueError, match=r"differs in \['time_scale'\].*--set name=NEW"):
+        check_resumable(state, cfg.train, model, {**model, "time_scale": 1000.0}, "file:///r/checkpoints/step-1")
