@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ROOT ?= demo-root
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench serve stop clean
+.PHONY: install demo test test-fast lint bench serve stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything but the tests marked slow (over ~20 s each).
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
