@@ -214,7 +214,8 @@ class Objective:
         return torch.where(drop, torch.full_like(y, self.null_class), y)
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        sq = (pred.float() - target.float()).pow(2).flatten(1)
+        dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32  # bf16 outputs: the loss in fp32
+        sq = (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1)
         return sq.sum(1) if self.cfg.reduction == "sum" else sq.mean(1)  # (N,)
 
     def weight(self, loss: torch.Tensor) -> torch.Tensor:
