@@ -285,7 +285,8 @@ def main() -> int:
     if not url.rstrip("/").split("/")[-1].startswith("step-"):
         steps = sorted(p.name for p in Path(url).glob("step-*"))
         url = f"{url}/{steps[-1]}" if steps else url
-    if "demo" in args.parts or "cost" in args.parts:
+    demo = build_model("debug", hidden_size=128, depth=4, num_heads=4, time_scale=1.0)  # configs/demo.yaml's
+    if "demo" in args.parts:
         model_cfg, state = checkpoints.load_weights(url)
         demo = model_from_dict(model_cfg)
         demo.load_state_dict(state)
@@ -300,7 +301,7 @@ def main() -> int:
             rows += measure(f"XL width, {args.depth} blocks", xl, args.batch, short)
     if "cost" in args.parts:
         print("step cost: forward + backward, x flow matching in the same precision (demo network)")
-        cost = step_costs(demo, 64, args.cost_steps)
+        cost = step_costs(demo, 64, args.cost_steps)  # at random init: the weights do not change the cost
     machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     machine += f", torch {torch.__version__}"
     out = Path(args.out)

@@ -37,21 +37,22 @@ def check_u_target_numerics(objective: ObjectiveConfig, precision: str, time_sca
                 " partitioned weights break; use train.zero_stage=2 (or 0/1)"
             )
         return
-    way_out = "use objective.derivative=jvp (0.4-0.8% in bf16, exact in fp32)"
+    way_out = "use objective.derivative=jvp (within 1.2% in bf16, exact in fp32)"
     if precision == "bf16":
         raise ValueError(
-            "objective.derivative finite_difference on bf16 outputs is 37-80% off in its derivative term"
-            f" (bench/numerics.py, eps 0.005-0.05); {way_out}"
+            "objective.derivative finite_difference on bf16 outputs is 5.6-330% off in its derivative term"
+            f" (bench/numerics.py, eps 0.001-0.05); {way_out}"
         )
     if time_scale != 1.0:
         raise ValueError(
-            f"objective.derivative finite_difference at model.time_scale {time_scale:g} is 70-100% off in its"
-            f" derivative term (bench/numerics.py, fp32, eps 0.005-0.05); {way_out} or set model.time_scale=1"
+            f"objective.derivative finite_difference at model.time_scale {time_scale:g} is 10-116% off in its"
+            f" derivative term (bench/numerics.py at 1000, fp32, eps 0.001-0.05); {way_out} or set"
+            " model.time_scale=1"
         )
-    if objective.fd_eps > 0.05 or (objective.fd_scheme == "forward" and objective.fd_eps > 0.01):
+    if objective.fd_eps > (0.05 if objective.fd_scheme == "central" else 0.02):
         raise ValueError(
-            f"objective.fd_eps {objective.fd_eps:g} ({objective.fd_scheme} difference) is above the largest"
-            " eps measured within 5% (0.05 central, 0.01 forward; bench/numerics.py); use fd_eps=0.005"
+            f"objective.fd_eps {objective.fd_eps:g} ({objective.fd_scheme} difference) is above the largest eps"
+            " measured within 5% (0.05 central, 0.02 forward; bench/numerics.py); use fd_eps=0.005"
         )
 
 
