@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dumo_model import Objective, ObjectiveConfig, build_model
-from dumo_model.info import forward_flops
+from dumo_model.info import train_step_flops
 
 VARIANTS = {  # name: (objective, derivative, heads); "-forward" = one-sided finite difference
     "flow_matching": ("flow_matching", "finite_difference", "v"),
@@ -30,9 +30,8 @@ VARIANTS = {  # name: (objective, derivative, heads); "-forward" = one-sided fin
     "dumo-jvp": ("dumo", "jvp", "dual"),
     "dumo-fd-forward": ("dumo", "finite_difference", "dual"),
 }
-# Forward passes per sample that the algorithm does (trained pass counts 3: forward + backward), for MFU;
-# JVP has no clean count (forward-mode tangents plus their backward), so it gets none.
-FORWARDS = {"flow_matching": 3.0, "meanflow-fd": 3.0 + 2 * 0.25, "dumo-fd": 3.0 + 2.0, "dumo-fd-forward": 4.0}
+# MFU counts the FLOPs the algorithm does: dumo_model.info.train_step_flops (forward-pass equivalents x
+# forward FLOPs; a JVP's tangent pass counted as one forward plus attention's products once more).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
 
@@ -66,16 +65,16 @@ def make_case(preset: str, variant: str, batch: int, device: str, bf16: bool):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    return model, step
+    return model, step, obj.cfg
 
 
 def bench_preset(preset: str, batch: int, steps: int, device: str, bf16: bool, variants: list[str]) -> list[dict]:
     cases = {v: make_case(preset, v, batch, device, bf16) for v in variants}
-    for _, step in cases.values():  # warm-up (allocations, kernels)
+    for _, step, _ in cases.values():  # warm-up (allocations, kernels)
         step()
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(steps):
-        for v, (_, step) in cases.items():
+        for v, (_, step, _) in cases.items():
             times[v].append(step())
     rows = []
     base = statistics.median(times["flow_matching"]) if "flow_matching" in times else None
@@ -93,8 +92,8 @@ def bench_preset(preset: str, batch: int, steps: int, device: str, bf16: bool, v
             "ratio_to_flow_matching": med / base if base else None,
             "steps_timed": steps,
         }
-        if device == "cuda" and v in FORWARDS:
-            flops = FORWARDS[v] * forward_flops(model.cfg)["total"] * batch / med
+        if device == "cuda":
+            flops = train_step_flops(model.cfg, cases[v][2]) * batch / med
             peak = next((p for k, p in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
             row["tflops"] = flops / 1e12
             row["mfu"] = flops / (peak * 1e12) if peak else None

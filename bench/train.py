@@ -9,9 +9,10 @@ batch of the preset's latent shape, and times the same step without DeepSpeed (p
 the table also shows what the engine costs. Steps are timed round-robin between the two; medians are shown.
 
 MFU = model FLOPs per second / peak dense bf16 FLOPs of the GPU. Model FLOPs per image = forward FLOPs
-(dumo_model.info.forward_flops, 2 per multiply-add) x (3 for the trained forward + backward, plus the
-objective's no-grad forwards: 2 for dumo's central finite difference on a doubled batch, 1 for its forward
-scheme, 1 more with training-time guidance). Writes bench/results/train.json.
+(dumo_model.info.forward_flops, 2 per multiply-add) x the objective's forward-pass equivalents
+(dumo_model.objectives.forward_equivalents: 3 for the trained forward + backward, plus 1 tangent pass for
+JVP, the default, or 2 no-grad passes for a central finite difference; more with training-time guidance).
+Writes bench/results/train.json.
 """
 
 from __future__ import annotations
@@ -28,22 +29,12 @@ import torch
 
 from dumo_model.dit import build_model
 from dumo_model.ema import EMA
-from dumo_model.info import forward_flops
+from dumo_model.info import train_step_flops
 from dumo_model.objectives import Objective, ObjectiveConfig
 from tasks.config import TrainConfig
 from tasks.train_worker import deepspeed_config, step_generator
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
-
-
-def objective_forwards(cfg: ObjectiveConfig) -> float:
-    """Forward-pass equivalents per sample of one training step (see the module docstring)."""
-    extra = 0.0
-    if cfg.name != "flow_matching" and cfg.derivative == "finite_difference":
-        extra = 2.0 if cfg.fd_scheme == "central" else 1.0
-        if cfg.name == "meanflow":
-            extra *= 1 - cfg.meanflow_equal_fraction  # only samples with t > r need the derivative
-    return 3.0 + extra + (1.0 if cfg.guidance_on else 0.0)
 
 
 def make_case(preset: str, batch: int, device: str, precision: str, zero_stage: int, use_engine: bool):
@@ -89,7 +80,7 @@ def make_case(preset: str, batch: int, device: str, precision: str, zero_stage: 
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    flops = objective_forwards(obj_cfg) * forward_flops(model.cfg)["total"]
+    flops = train_step_flops(model.cfg, obj_cfg)
     return step, flops, sum(p.numel() for p in model.parameters())
 
 

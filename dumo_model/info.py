@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from dumo_model.dit import DiTConfig, DualHeadDiT
+from dumo_model.objectives import ObjectiveConfig, forward_equivalents
 
 
 def count(module: nn.Module | None) -> int:
@@ -43,3 +44,13 @@ def forward_flops(cfg: DiTConfig) -> dict[str, float]:
     }
     out["total"] = sum(out.values())
     return out
+
+
+def train_step_flops(cfg: DiTConfig, objective: ObjectiveConfig) -> float:
+    """Training FLOPs per image of one step of ``objective`` on this network: its forward-pass equivalents
+    (dumo_model.objectives.forward_equivalents) times the forward FLOPs. Attention's token-by-token products
+    are passed as their share of the forward, since a JVP's tangent costs them twice."""
+    t, d = cfg.num_tokens, cfg.hidden_size
+    total = forward_flops(cfg)["total"]
+    attention = cfg.depth * 2 * 2 * t * t * d
+    return forward_equivalents(objective, attention / total) * total

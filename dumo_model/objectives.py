@@ -32,7 +32,11 @@ FlowMap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class ObjectiveConfig:
     name: ObjectiveName = "dumo"
-    derivative: Derivative = "finite_difference"
+    # jvp: forward-mode AD, MeanFlow's way. Chosen as the default from bench/numerics.py: it stays right in
+    # bf16 and at either time_scale, where a finite difference of bf16 outputs is 32-80% off and one at
+    # time_scale 1000 is ~100% off even in fp32. finite_difference is right (3e-5) in fp32 at time_scale 1,
+    # and cheaper there on a CPU: the demo uses it. Needs ZeRO 0-2 (docs/model.md).
+    derivative: Derivative = "jvp"
     fd_eps: float = 0.005
     # central: [u(t + eps) - u(t - eps)] / 2 eps, two extra no-grad points (ALGORITHM.md's default);
     # forward: [u(t + eps) - u(t)] / eps reusing the trained pass's u(t): one extra point, O(eps) error.
@@ -62,10 +66,41 @@ class ObjectiveConfig:
             raise ValueError(f"meanflow_equal_fraction must be in [0, 1], got {self.meanflow_equal_fraction}")
         if self.velocity_in_target == "head" and self.name != "dumo":
             raise ValueError("velocity_in_target='head' needs the v head of the dual model (name='dumo')")
+        null_weight = 1 - self.guidance_omega - self.guidance_kappa
+        if self.guidance_on and null_weight != 0 and self.label_dropout == 0:
+            raise ValueError(
+                f"training-time guidance (omega {self.guidance_omega}, kappa {self.guidance_kappa}) weighs the"
+                f" null class by {null_weight:g}, which label_dropout 0 never trains; set objective.label_dropout"
+                " (0.1 is the lineage's) or turn guidance off (guidance_omega 1, guidance_kappa 0)"
+            )
 
     @property
     def guidance_on(self) -> bool:
         return self.guidance_omega != 1.0 or self.guidance_kappa != 0.0
+
+
+def forward_equivalents(cfg: ObjectiveConfig, attention_share: float = 0.0) -> float:
+    """Forward passes per sample of one training step, counted from the algorithm, not timed. The trained
+    pass is 3 (forward + backward). A central finite difference adds 2 no-grad passes, the forward scheme 1
+    (meanflow: only on its share of samples with r < t). JVP adds 1 tangent pass: forward-mode through a
+    linear layer is one more product of the same size, but through attention's two token-by-token products
+    (``attention_share`` of a forward's FLOPs) it is two, so that share counts once more. Training-time
+    guidance adds the null-class velocity, and a conditional velocity where the u-target needs it first."""
+    if cfg.name == "flow_matching":
+        return 3.0 + (1.0 if cfg.guidance_on else 0.0)
+    if cfg.derivative == "jvp":
+        extra = 1.0 + attention_share
+        if cfg.guidance_on or (cfg.name == "dumo" and cfg.velocity_in_target == "head"):
+            extra += 1.0  # the conditional velocity, before the tangent (dumo's v head, meanflow's u at r = t)
+        if cfg.guidance_on:
+            extra += 1.0  # the null class
+        return 3.0 + extra
+    extra = 2.0 if cfg.fd_scheme == "central" else 1.0
+    if cfg.name == "meanflow":
+        extra *= 1 - cfg.meanflow_equal_fraction  # only samples with t > r are differentiated
+    if cfg.guidance_on:
+        extra += 2.0 if cfg.name == "meanflow" else 1.0  # meanflow's conditional velocity is one more pass
+    return 3.0 + extra
 
 
 def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -81,14 +116,15 @@ def finite_difference_dudt(
     eps: float,
     u_here: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """du/dt along (w, 1, 0) by finite difference, times clamped to [0, 1]. Without ``u_here``: central,
-    both points in one batched forward. With ``u_here`` = u(x_t, t, r) already computed: one-sided, one
-    extra forward (a step backwards where t + eps would pass 1)."""
+    """du/dt along (w, 1, 0) by finite difference, divided by the span actually taken: the plus point stops at
+    t = 1 and the minus point at r, so u is never queried at a negative interval t - r it was never trained
+    on. Without ``u_here``: central, both points in one batched forward. With ``u_here`` = u(x_t, t, r)
+    already computed: one-sided, one extra forward (a step backwards, not past r, where t + eps passes 1)."""
     if u_here is not None:
-        t_other = torch.where(t + eps <= 1.0, t + eps, t - eps)
+        t_other = torch.where(t + eps <= 1.0, t + eps, torch.maximum(t - eps, r))
         x_other = x_t + _bcast(t_other - t, x_t) * w
         return (u_fn(x_other, t_other, r) - u_here) / _bcast(t_other - t, x_t)
-    t_plus, t_minus = (t + eps).clamp(max=1.0), (t - eps).clamp(min=0.0)
+    t_plus, t_minus = (t + eps).clamp(max=1.0), torch.maximum(t - eps, r)
     x_plus = x_t + _bcast(t_plus - t, x_t) * w
     x_minus = x_t + _bcast(t_minus - t, x_t) * w
     u_both = u_fn(torch.cat([x_plus, x_minus]), torch.cat([t_plus, t_minus]), torch.cat([r, r]))
@@ -142,22 +178,33 @@ class Objective:
 
     def __init__(self, cfg: ObjectiveConfig, num_classes: int):
         self.cfg, self.null_class = cfg, num_classes
+        self._inspect: dict[str, torch.Tensor] | None = None
 
     # -- sampling of the training problem -------------------------------------------------------
     def sample_times(
         self, n: int, device: torch.device, r_zero: bool, gen: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, r), each (n,). dumo: t logit-normal, r = t U(0, 1), so r < t on every sample (a lineage guess).
+        meanflow, as its official code: two logit-normal draws, t = max, r = min, then r = t on
+        ``meanflow_equal_fraction`` of the samples (E[t] 0.54 and P(r < 0.05 | r < t) 0.01 at the defaults,
+        against 0.42 and 0.17 under dumo's law). flow_matching: r = t."""
         cfg = self.cfg
-        t = torch.sigmoid(cfg.time_mu + cfg.time_sigma * torch.randn(n, device=device, generator=gen))
+
+        def logit_normal() -> torch.Tensor:
+            return torch.sigmoid(cfg.time_mu + cfg.time_sigma * torch.randn(n, device=device, generator=gen))
+
+        t = logit_normal()
         if cfg.name == "flow_matching":
             r = t.clone()
         elif r_zero:
             r = torch.zeros_like(t)
+        elif cfg.name == "meanflow":
+            other = logit_normal()
+            t, r = torch.maximum(t, other), torch.minimum(t, other)
+            equal = torch.rand(n, device=device, generator=gen) < cfg.meanflow_equal_fraction
+            r = torch.where(equal, t, r)
         else:
             r = t * torch.rand(n, device=device, generator=gen)  # r < t for every sample: no split
-            if cfg.name == "meanflow":
-                equal = torch.rand(n, device=device, generator=gen) < cfg.meanflow_equal_fraction
-                r = torch.where(equal, t, r)
         return t, r
 
     def drop_labels(self, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
@@ -167,7 +214,8 @@ class Objective:
         return torch.where(drop, torch.full_like(y, self.null_class), y)
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        sq = (pred.float() - target.float()).pow(2).flatten(1)
+        dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32  # bf16 outputs: the loss in fp32
+        sq = (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1)
         return sq.sum(1) if self.cfg.reduction == "sum" else sq.mean(1)  # (N,)
 
     def weight(self, loss: torch.Tensor) -> torch.Tensor:
@@ -180,17 +228,29 @@ class Objective:
 
     # -- the loss -------------------------------------------------------------------------------
     def __call__(
-        self, model, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None = None
+        self,
+        model,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        gen: torch.Generator | None = None,
+        inspect: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``inspect``, if given, receives the training problem and the u-target of this call (x_t, t, r, y,
+        w, u_tgt), so a test or benchmark can check the target the step really used."""
         cfg = self.cfg
         net = getattr(model, "module", model)  # unwrap DeepSpeed/DDP for jvp and the config
         n = x.shape[0]
-        x = x.float()
-        e = torch.randn(x.shape, device=x.device, generator=gen)
+        # The state in float32 (float64 for a float64 network), whatever precision the network runs in.
+        state = torch.float64 if net.pos_embed.dtype == torch.float64 else torch.float32
+        x = x.to(state)
+        e = torch.randn(x.shape, device=x.device, generator=gen).to(state)
         t, r = self.sample_times(n, x.device, net.cfg.r_input == "zero", gen)
         x_t = (1 - _bcast(t, x)) * x + _bcast(t, x) * e
         v = e - x
         y_in = self.drop_labels(y, gen)
+        self._inspect = inspect
+        if inspect is not None:
+            inspect.update(x_t=x_t, t=t, r=r, y=y_in)
 
         if cfg.name != "flow_matching" and cfg.derivative == "jvp":
             return self.jvp_loss(net, x_t, t, r, y_in, v)
@@ -231,6 +291,7 @@ class Objective:
             outs, tangents = torch.func.jvp(fn, (x_t, t, r), (w, torch.ones_like(t), torch.zeros_like(r)))
         term = _bcast(t - r, x_t) * tangents[-1].detach()
         u_tgt = (w - (term.clamp(-1, 1) if cfg.clamp_derivative else term)).detach()
+        self.record(w, u_tgt)
         return self.combine(outs[0] if dumo else None, v_tgt if dumo else None, outs[-1], u_tgt)
 
     def u_target_subset(self, net, y_in, x_t, t, r, w, u_pred) -> torch.Tensor:
@@ -239,9 +300,9 @@ class Objective:
         its extra forward saved, for one host sync to find them). dumo has r < t on every sample: the whole
         batch goes through, with no sync on the hot path."""
         eps, clamp, forward = self.cfg.fd_eps, self.cfg.clamp_derivative, self.cfg.fd_scheme == "forward"
-        u_here = u_pred.detach().float() if forward else None
+        u_here = u_pred.detach().to(x_t.dtype) if forward else None
         if self.cfg.name != "meanflow":
-            return u_target(flow_map(net, y_in), x_t, t, r, w, "finite_difference", eps, clamp, u_here)
+            return self.record(w, u_target(flow_map(net, y_in), x_t, t, r, w, "finite_difference", eps, clamp, u_here))
         u_tgt = w.detach().clone()
         gap = t > r
         if gap.any():
@@ -249,7 +310,12 @@ class Objective:
             sub = None if u_here is None else u_here[idx]
             u_tgt[idx] = u_target(
                 flow_map(net, y_in[idx]), x_t[idx], t[idx], r[idx], w[idx], "finite_difference", eps, clamp, sub
-            )
+            ).to(u_tgt.dtype)
+        return self.record(w, u_tgt)
+
+    def record(self, w: torch.Tensor, u_tgt: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_inspect", None) is not None:
+            self._inspect.update(w=w.detach(), u_tgt=u_tgt)
         return u_tgt
 
     def velocity_target(self, net, x_t, t, r, y_in, v, v_cond) -> torch.Tensor:

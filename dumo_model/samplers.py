@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 SamplerName = Literal["one_step", "two_step", "euler", "renoise"]
+VInterval = Literal["half", "full", "zero"]
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,19 @@ class SamplerConfig:
     """``one_step``: x_0 = e - u(e, 1, 0). ``two_step``: through t_mid. ``euler``: num_steps Euler steps
     of the v head (flow-matching baseline, or DuMo's v head). ``renoise``: the consistency sampler for
     r_input="zero" (x0_hat = x_t - t u(x_t, t, 0), re-noised to the next time with fresh noise).
-    ``cfg_scale`` 1 = no classifier-free guidance (DuMo's default: guidance is learned in training)."""
+    ``cfg_scale`` 1 = no classifier-free guidance (DuMo's default: guidance is learned in training).
+    ``v_interval``: the interval t - r at which a dual model's v head is queried (Euler, and guidance with
+    it). The v head is conditioned on t - r through the shared condition and DuMo trains it only at
+    t - r = t (1 - U), U ~ U(0, 1): ``half`` (t - r = t / 2, the median trained interval; default), ``full``
+    (r = 0, the edge of the trained range) or ``zero`` (r = t, never trained by DuMo; the old behaviour).
+    Models without an interval embedder ignore it; MeanFlow's u head at r = t is its velocity (trained)."""
 
     name: SamplerName = "one_step"
     num_steps: int = 1
     t_mid: float = 0.5
     cfg_scale: float = 1.0
     state_dtype: Literal["float32", "float64"] = "float32"
+    v_interval: VInterval = "half"
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -37,6 +44,8 @@ class SamplerConfig:
         """A short stable name for tables and file names: 1-step, 2-step, euler-32, renoise-2."""
         steps = {"one_step": 1, "two_step": 2}.get(self.name, self.num_steps)
         base = f"{steps}-step" if self.name in ("one_step", "two_step") else f"{self.name}-{steps}"
+        if self.name == "euler" and self.v_interval != "half":
+            base += f"-v{self.v_interval}"
         return base if self.cfg_scale == 1.0 else f"{base}-cfg{self.cfg_scale:g}"
 
 
@@ -83,10 +92,11 @@ def sample(
         return x_mid - cfg.t_mid * u(x_mid, cfg.t_mid, 0.0)
     if cfg.name == "euler":
         head = "v" if model.head_v is not None else "u"  # a u head at r = t is a velocity too
+        r_of = {"half": 0.5, "full": 0.0, "zero": 1.0}[cfg.v_interval] if head == "v" else 1.0  # r = r_of * t
         ts = torch.linspace(1.0, 0.0, cfg.num_steps + 1).tolist()
         for t_cur, t_next in zip(ts[:-1], ts[1:]):
             tt = _times(n, t_cur, x)
-            vel = _guided(model, x, tt, tt, y, head, cfg.cfg_scale).to(dtype)
+            vel = _guided(model, x, tt, r_of * tt, y, head, cfg.cfg_scale).to(dtype)
             x = x + (t_next - t_cur) * vel
         return x
     if cfg.name == "renoise":

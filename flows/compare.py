@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.pipeline import build_store
-from tasks.compare import arm_configs, check_identical, publish_comparison_task
+from tasks.compare import arm_configs, check_identical, publish_comparison_task, store_shape
 from tasks.config import load_config
 from tasks.evaluate import evaluate_checkpoint_task
 from tasks.train import train_run
@@ -22,14 +22,14 @@ def compare_objectives(config: str = "demo", overrides: list[str] | None = None)
     """Train and evaluate every arm of ``config``'s ``compare`` section. Arms run one after another (each
     uses the whole machine). Re-running resumes unfinished arms and reuses finished ones and their metrics."""
     cfg = load_config(config, overrides or [])
-    arms = arm_configs(cfg)
+    build_store(cfg)  # first: compute budgets count FLOPs on the store's latent shape
+    arms = arm_configs(cfg, store_shape(cfg))
     check_identical(arms)  # before anything trains
     logger = get_run_logger()
     logger.info(
         f"comparing {list(cfg.compare.arms)} x seeds {list(cfg.compare.seeds)} x budgets "
-        f"{list(cfg.compare.budgets or (cfg.train.num_steps,))}: {len(arms)} runs"
+        f"{list(dict.fromkeys(a['budget'] for a in arms))}: {len(arms)} runs"
     )
-    build_store(cfg)
     results = []
     for i, arm in enumerate(arms, 1):
         t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def compare_objectives(config: str = "demo", overrides: list[str] | None = None)
         logger.info(f"arm {i}/{len(arms)} {arm['config'].name}: trained to step {trained['step']} in {seconds:.0f} s")
         results.append(
             {
-                **{k: arm[k] for k in ("arm", "seed", "steps")},
+                **{k: arm[k] for k in ("arm", "seed", "steps", "budget")},
                 "checkpoint_url": trained["checkpoint_url"],
                 "record": record,
                 "train_seconds": round(seconds, 1),

@@ -2,8 +2,14 @@
 
 Plain functions (arm configs, the identical-settings check, the table and the plot) and thin Prefect tasks.
 Every arm is the run config with only these changed: the run name, ``objective.name`` (which also decides
-the model's heads), ``train.seed``, ``train.num_steps`` and the samplers of the protocol. The check compares
-the resolved configs, so a difference anywhere else stops the comparison before anything trains.
+the model's heads), ``train.seed``, ``train.num_steps``, the samplers of the protocol and, for the meanflow
+arm, the derivative of its official code (``compare.meanflow_derivative``, JVP). The check compares the
+resolved configs, so a difference anywhere else stops the comparison before anything trains.
+
+Two kinds of budget: ``compare.budgets`` in training steps (equal steps), and ``compare.compute_budgets``
+in forward-equivalent passes per training sample (equal compute): each arm then trains as many steps as
+that many forward passes of the flow-matching network cost in FLOPs, counted from the model and the
+objective (dumo_model.info.train_step_flops), not from wall time.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from dumo_model.info import forward_flops, train_step_flops
 from dumo_model.samplers import SamplerConfig
 from storage import fs
 from storage.layout import Root
-from tasks.config import PipelineConfig
+from tasks.config import U_HEAD_TIME_SCALE, PipelineConfig
+from tasks.modeling import dit_config
 
 METRICS = (("class_accuracy", "class acc", True), ("fid", "FID", False), ("spread_ratio", "spread", True))
 # Keys that may differ between arms; everything else of the resolved config must be equal.
@@ -30,6 +38,7 @@ ARM_KEYS = {
     ("train", "num_steps"),
     ("eval", "samplers"),
     ("eval", "protocol"),
+    ("objective", "derivative"),  # the meanflow arm's is its official code's (compare.meanflow_derivative)
 }
 
 
@@ -40,23 +49,66 @@ def samplers_of(arm: str, cfg: PipelineConfig) -> tuple[SamplerConfig, ...]:
     return (SamplerConfig("one_step"), SamplerConfig("two_step"))
 
 
-def arm_configs(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """One entry per (budget, seed, arm): its label and its resolved config."""
-    budgets = cfg.compare.budgets or (cfg.train.num_steps,)
+def store_shape(cfg: PipelineConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the run's latent store."""
+    from storage import latents
+
+    return latents.open_store(Root(cfg.root).latent_store(cfg.data.store_name)).latent_shape
+
+
+def arm_config(cfg: PipelineConfig, arm: str, seed: int, steps: int) -> PipelineConfig:
+    """The run config with only the arm's keys changed. An unset time_scale is pinned to the u-head
+    default for every arm, so the flow-matching arm gets the same backbone as the others."""
+    data = cfg.model_dump(mode="python")
+    data["name"] = f"{cfg.name}-{arm.replace('_', '-')}-s{seed}-n{steps}"
+    data["objective"] = {**data["objective"], "name": arm}
+    if arm == "meanflow":
+        data["objective"]["derivative"] = cfg.compare.meanflow_derivative
+    if data["model"].get("time_scale") is None:
+        data["model"] = {**data["model"], "time_scale": U_HEAD_TIME_SCALE}
+    data["train"] = {**data["train"], "seed": seed, "num_steps": steps}
+    data["eval"] = {**data["eval"], "samplers": samplers_of(arm, cfg), "protocol": f"{cfg.eval.protocol}-compare"}
+    return PipelineConfig.model_validate(data)
+
+
+def steps_for_compute(cfg: PipelineConfig, arm: str, passes: int, latent_shape: tuple[int, int, int]) -> int:
+    """Training steps of ``arm`` that cost ``passes`` forward passes of the flow-matching network per sample,
+    in FLOPs (heads, embedders, the objective's extra passes and a JVP's attention tangents counted)."""
+    num_classes = 10  # the label table's FLOPs are none: any count gives the same network cost
+
+    def flops(c: PipelineConfig) -> float:
+        return train_step_flops(dit_config(c, latent_shape, num_classes), c.objective)
+
+    ref = forward_flops(dit_config(arm_config(cfg, "flow_matching", 0, 1), latent_shape, num_classes))["total"]
+    return max(1, round(passes * ref / flops(arm_config(cfg, arm, 0, 1))))
+
+
+def arm_configs(cfg: PipelineConfig, latent_shape: tuple[int, int, int] | None = None) -> list[dict[str, Any]]:
+    """One entry per (budget, seed, arm): its label, budget and resolved config. Compute budgets need the
+    latent store's shape (C, H, W), since FLOPs depend on the token count."""
+    plan = [(f"{steps} steps", {arm: steps for arm in cfg.compare.arms}) for steps in cfg.compare.budgets]
+    if not cfg.compare.budgets and not cfg.compare.compute_budgets:
+        plan = [(f"{cfg.train.num_steps} steps", {arm: cfg.train.num_steps for arm in cfg.compare.arms})]
+    for passes in cfg.compare.compute_budgets:
+        if latent_shape is None:
+            raise ValueError("compare.compute_budgets needs the latent store's shape to count FLOPs")
+        plan.append(
+            (f"{passes} passes", {a: steps_for_compute(cfg, a, passes, latent_shape) for a in cfg.compare.arms})
+        )
     out = []
-    for steps in budgets:
+    for budget, steps_of_arm in plan:
         for seed in cfg.compare.seeds:
             for arm in cfg.compare.arms:
-                data = cfg.model_dump(mode="python")
-                data["name"] = f"{cfg.name}-{arm.replace('_', '-')}-s{seed}-n{steps}"
-                data["objective"] = {**data["objective"], "name": arm}
-                data["train"] = {**data["train"], "seed": seed, "num_steps": steps}
-                data["eval"] = {
-                    **data["eval"],
-                    "samplers": samplers_of(arm, cfg),
-                    "protocol": f"{cfg.eval.protocol}-compare",
-                }
-                out.append({"arm": arm, "seed": seed, "steps": steps, "config": PipelineConfig.model_validate(data)})
+                steps = steps_of_arm[arm]
+                out.append(
+                    {
+                        "arm": arm,
+                        "seed": seed,
+                        "steps": steps,
+                        "budget": budget,
+                        "config": arm_config(cfg, arm, seed, steps),
+                    }
+                )
     return out
 
 
@@ -88,17 +140,27 @@ def steps_of(label: str) -> int:
     return int(head.split("-")[0]) if head[0].isdigit() else int(head.rsplit("-", 1)[1])
 
 
+def _budget_order(budget: str) -> tuple[int, int]:
+    number, kind = budget.split(" ", 1)
+    return (0 if kind == "steps" else 1, int(number))
+
+
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows per (budget, arm, sampler): mean and min/max over seeds of each metric."""
-    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    train_steps: dict[tuple[str, str], int] = {}
     for res in results:
+        budget = res.get("budget", f"{res['steps']} steps")
+        train_steps[(budget, res["arm"])] = res["steps"]
         for label, m in res["record"]["samplers"].items():
-            groups.setdefault((res["steps"], res["arm"], label), []).append(m)
+            groups.setdefault((budget, res["arm"], label), []).append(m)
     rows = []
-    for (steps, arm, label), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], steps_of(kv[0][2]))):
+    order = sorted(groups.items(), key=lambda kv: (_budget_order(kv[0][0]), kv[0][1], steps_of(kv[0][2])))
+    for (budget, arm, label), ms in order:
         row: dict[str, Any] = {
-            "budget_steps": steps,
+            "budget": budget,
             "arm": arm,
+            "train_steps": train_steps[(budget, arm)],
             "sampler": label,
             "nfe": steps_of(label),
             "seeds": len(ms),
@@ -111,10 +173,10 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]], real: dict[str, Any] | None = None) -> str:
-    head = ["budget (steps)", "arm", "sampler", "NFE", "seeds"] + [name for _, name, _ in METRICS]
+    head = ["budget", "arm", "train steps", "sampler", "NFE", "seeds"] + [name for _, name, _ in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["budget_steps"]), r["arm"], r["sampler"], str(r["nfe"]), str(r["seeds"])]
+        cells = [r["budget"], r["arm"], str(r["train_steps"]), r["sampler"], str(r["nfe"]), str(r["seeds"])]
         for key, _, _ in METRICS:
             s = r[key]
             cells.append("" if s is None else f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
@@ -130,12 +192,12 @@ def markdown_table(rows: list[dict[str, Any]], real: dict[str, Any] | None = Non
 
 
 def winner(rows: list[dict[str, Any]], nfe: int = 1, metric: str = "class_accuracy") -> str | None:
-    """The arm with the best mean ``metric`` at ``nfe`` network evaluations, largest budget."""
+    """The arm with the best mean ``metric`` at ``nfe`` network evaluations, last budget of the table."""
     if not rows:
         return None
-    budget = max(r["budget_steps"] for r in rows)
+    budget = max((r["budget"] for r in rows), key=_budget_order)
     higher = {k: h for k, _, h in METRICS}[metric]
-    cands = [r for r in rows if r["budget_steps"] == budget and r["nfe"] == nfe and r[metric] is not None]
+    cands = [r for r in rows if r["budget"] == budget and r["nfe"] == nfe and r[metric] is not None]
     if not cands:
         return None
     best = (max if higher else min)(cands, key=lambda r: r[metric]["mean"])
@@ -143,20 +205,18 @@ def winner(rows: list[dict[str, Any]], nfe: int = 1, metric: str = "class_accura
 
 
 def plot_png(rows: list[dict[str, Any]]) -> bytes:
-    """Metric against sampling steps, one line per arm (largest budget), error bars = seed range."""
+    """Metric against sampling steps, one line per arm (last budget of the table), error bars = seed range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budget = max(r["budget_steps"] for r in rows)
+    budget = max((r["budget"] for r in rows), key=_budget_order)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
     for ax, (key, name, _) in zip(axes, METRICS):
         for arm in dict.fromkeys(r["arm"] for r in rows):
             pts = sorted(
-                (r["nfe"], r[key])
-                for r in rows
-                if r["arm"] == arm and r["budget_steps"] == budget and r[key] is not None
+                (r["nfe"], r[key]) for r in rows if r["arm"] == arm and r["budget"] == budget and r[key] is not None
             )
             if not pts:
                 continue
@@ -169,7 +229,7 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
         ax.set_title(name)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"equal budget: {budget} training steps per arm")
+    fig.suptitle(f"equal budget: {budget} per arm")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -197,6 +257,7 @@ def write_comparison(cfg: PipelineConfig, arms: list[dict[str, Any]], results: l
                 "arm": r["arm"],
                 "seed": r["seed"],
                 "steps": r["steps"],
+                "budget": r.get("budget"),
                 "checkpoint_url": r["checkpoint_url"],
                 "eval_dir": r["record"].get("eval_dir"),
                 "train_seconds": r.get("train_seconds"),

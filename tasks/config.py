@@ -19,6 +19,41 @@ from dumo_model.samplers import SamplerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 HEADS_OF_OBJECTIVE = {"dumo": "dual", "meanflow": "u", "flow_matching": "v"}
+# time_scale of a network with a u head when model.time_scale is unset: raw t (MeanFlow's official code).
+# bench/numerics.py: a finite difference at DiT's 1000 is ~100% off even in fp32 (docs/model.md).
+U_HEAD_TIME_SCALE = 1.0
+MAX_DERIVATIVE_ERROR = 0.05  # relative error of the u-target's derivative term that validation accepts
+
+
+def check_u_target_numerics(objective: ObjectiveConfig, precision: str, time_scale: float, zero_stage: int) -> None:
+    """Refuse a u-target derivative whose error, measured by bench/numerics.py against an fp64 JVP
+    (bench/RESULTS.md), is above MAX_DERIVATIVE_ERROR, naming the figure and the setting to use instead."""
+    if objective.name == "flow_matching":
+        return
+    if objective.derivative == "jvp":
+        if zero_stage == 3:
+            raise ValueError(
+                "objective.derivative jvp runs forward-mode AD on the unwrapped network, which ZeRO-3's"
+                " partitioned weights break; use train.zero_stage=2 (or 0/1)"
+            )
+        return
+    way_out = "use objective.derivative=jvp (within 1.2% in bf16, exact in fp32)"
+    if precision == "bf16":
+        raise ValueError(
+            "objective.derivative finite_difference on bf16 outputs is 5.6-330% off in its derivative term"
+            f" (bench/numerics.py, eps 0.001-0.05); {way_out}"
+        )
+    if time_scale != 1.0:
+        raise ValueError(
+            f"objective.derivative finite_difference at model.time_scale {time_scale:g} is 10-116% off in its"
+            f" derivative term (bench/numerics.py at 1000, fp32, eps 0.001-0.05); {way_out} or set"
+            " model.time_scale=1"
+        )
+    if objective.fd_eps > (0.05 if objective.fd_scheme == "central" else 0.02):
+        raise ValueError(
+            f"objective.fd_eps {objective.fd_eps:g} ({objective.fd_scheme} difference) is above the largest eps"
+            " measured within 5% (0.05 central, 0.02 forward; bench/numerics.py); use fd_eps=0.005"
+        )
 
 
 class Section(BaseModel):
@@ -155,6 +190,10 @@ class CompareConfig(Section):
     seeds: tuple[int, ...] = (0, 1)
     budgets: tuple[int, ...] = ()  # training steps per arm; empty = train.num_steps
     euler_steps: tuple[int, ...] = (1, 2, 4, 8)  # sampling steps of the flow-matching arm
+    # Equal compute: budgets in forward passes of the flow-matching network per training sample (800
+    # flow-matching steps = 2400); each arm trains the steps that cost as many FLOPs.
+    compute_budgets: tuple[int, ...] = ()
+    meanflow_derivative: Literal["jvp", "finite_difference"] = "jvp"  # MeanFlow's official code: JVP
 
     @field_validator("arms", "seeds", "euler_steps")
     @classmethod
@@ -183,9 +222,27 @@ class PipelineConfig(Section):
             raise ValueError(f"run name {v!r} must be non-empty, without '/', not starting with '.'")
         return v
 
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        check_u_target_numerics(self.objective, self.train.precision, self.time_scale, self.train.zero_stage)
+        guided = [s.label for s in self.eval.samplers if s.cfg_scale != 1.0]
+        if guided and self.objective.label_dropout == 0:
+            raise ValueError(
+                f"samplers {guided} use classifier-free guidance, but objective.label_dropout 0 never trains the"
+                " null class; set objective.label_dropout (0.1 is the lineage's) or cfg_scale 1"
+            )
+        return self
+
     @property
     def heads(self) -> str:
         return HEADS_OF_OBJECTIVE[self.objective.name]
+
+    @property
+    def time_scale(self) -> float:
+        """model.time_scale, or when unset: 1 for a network with a u head, the preset's (DiT's 1000) without."""
+        if self.model.overrides.get("time_scale") is not None:
+            return float(self.model.overrides["time_scale"])
+        return U_HEAD_TIME_SCALE if self.heads != "v" else model_config(self.model.preset).time_scale
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

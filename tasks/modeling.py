@@ -16,7 +16,7 @@ def dit_config(cfg: PipelineConfig, latent_shape: tuple[int, int, int], num_clas
         raise ValueError(f"latents must be square, the store has {height}x{width}")
     return model_config(
         cfg.model.preset,
-        **cfg.model.overrides,
+        **{**cfg.model.overrides, "time_scale": cfg.time_scale},
         heads=cfg.heads,
         input_size=height,
         in_channels=channels,

@@ -23,6 +23,35 @@ def test_arms_share_everything_but_objective_seed_and_steps():
     assert fm["config"].heads == "v" and arms[2]["config"].heads == "dual"
 
 
+def test_the_meanflow_arm_is_the_faithful_baseline_and_every_arm_shares_the_time_scale():
+    cfg = load_config("demo", ["compare.seeds=[0]", "model.time_scale=null"])
+    arms = {a["arm"]: a["config"] for a in arm_configs(cfg)}
+    assert arms["meanflow"].objective.derivative == "jvp"  # MeanFlow's official code
+    assert arms["dumo"].objective.derivative == cfg.objective.derivative == "finite_difference"
+    assert {c.time_scale for c in arms.values()} == {1.0}  # flow matching alone would default to DiT's 1000
+
+
+def test_equal_compute_gives_each_arm_the_steps_of_the_same_flops():
+    from dumo_model.info import forward_flops, train_step_flops
+    from tasks.modeling import dit_config
+
+    cfg = load_config("demo", ["compare.seeds=[0]", "compare.budgets=[800]", "compare.compute_budgets=[2400]"])
+    with pytest.raises(ValueError, match="latent store's shape"):
+        arm_configs(cfg)
+    arms = arm_configs(cfg, (1, 8, 8))
+    compute = {a["arm"]: a for a in arms if a["budget"] == "2400 passes"}
+    assert compute["flow_matching"]["steps"] == 800  # 3 forward-equivalents a step
+    fm_forward = forward_flops(dit_config(compute["flow_matching"]["config"], (1, 8, 8), 10))["total"]
+    for arm in ("meanflow", "dumo"):
+        c = compute[arm]["config"]
+        spent = compute[arm]["steps"] * train_step_flops(dit_config(c, (1, 8, 8), 10), c.objective)
+        assert spent == pytest.approx(2400 * fm_forward, rel=0.002), arm
+    # dumo's central difference: 5 forward-equivalents and a second head, so fewer than 800 * 3/5 steps
+    assert compute["dumo"]["steps"] < 480 < compute["meanflow"]["steps"] < 800
+    assert {a["steps"] for a in arms if a["budget"] == "800 steps"} == {800}
+    check_identical(arms)
+
+
 def test_a_difference_outside_the_arm_keys_is_refused():
     cfg = load_config("demo", ["compare.seeds=[0]"])
     arms = arm_configs(cfg)
@@ -58,7 +87,7 @@ def test_summary_table_and_winner():
     dumo1 = next(r for r in rows if r["arm"] == "dumo" and r["sampler"] == "1-step")
     assert dumo1["seeds"] == 2 and dumo1["class_accuracy"] == {"mean": pytest.approx(0.85), "min": 0.8, "max": 0.9}
     table = markdown_table(rows, {"class_accuracy": 0.99, "fid": 1.0})
-    assert "0.850 [0.800, 0.900]" in table and "| 10 | meanflow | 2-step | 2 | 2 |" in table
+    assert "0.850 [0.800, 0.900]" in table and "| 10 steps | meanflow | 10 | 2-step | 2 | 2 |" in table
     assert winner(rows) == "dumo" and winner(rows, metric="fid") == "dumo"
     assert plot_png(rows)[:8] == b"\x89PNG\r\n\x1a\n"
     assert [steps_of(s) for s in ("1-step", "2-step", "euler-8", "euler-16-cfg2")] == [1, 2, 8, 16]
@@ -96,5 +125,5 @@ def test_compare_flow_runs_all_three_arms_and_fills_every_cell(prefect_harness, 
             assert row[key] is not None and row[key]["mean"] == row[key]["mean"], (row["arm"], row["sampler"], key)
     assert len(payload["configs"]) == 3
     table = fs.read_text(fs.join(out, "table.md"))
-    assert table.count("\n| 4 |") == 6 and "||" not in table.replace("|---|", "")
+    assert table.count("\n| 4 steps |") == 6 and "||" not in table.replace("|---|", "")
     assert fs.read_bytes(fs.join(out, "plot.png"))[:4] == b"\x89PNG"

@@ -150,7 +150,7 @@ def test_euler_with_one_step_equals_one_step_of_the_v_head_and_cfg_scale_one_is_
     x, _, _, y = batch()
     e = torch.randn_like(x)
     with torch.no_grad():
-        expected = e - model(e, torch.ones(4), torch.ones(4), y).v
+        expected = e - model(e, torch.ones(4), torch.full((4,), 0.5), y).v  # v at t - r = t / 2 (v_interval)
     assert torch.allclose(sample(model, e, y, SamplerConfig("euler", num_steps=1)), expected, atol=1e-6)
     guided = sample(model, e, y, SamplerConfig("one_step", cfg_scale=2.0))
     assert not torch.allclose(guided, sample(model, e, y, SamplerConfig("one_step")))

@@ -193,7 +193,7 @@ def test_demo_recipe_learns_the_digits_and_its_ema_samples_them_in_one_step():
     judge = LogisticRegression(max_iter=3000).fit(x_all.flatten(1).numpy(), y_all.numpy())
     torch.manual_seed(0)
     model = build_model("debug", hidden_size=128, depth=4, num_heads=4, time_scale=1.0)
-    obj = Objective(ObjectiveConfig(label_dropout=0.0), num_classes=10)
+    obj = Objective(ObjectiveConfig(derivative="finite_difference", label_dropout=0.0), num_classes=10)  # the demo's
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     ema = EMA(model, decay=0.999)
     gen = torch.Generator().manual_seed(0)
