@@ -35,6 +35,9 @@ def load_checkpoint_model(url: str, weights: Weights = "ema", device: str | torc
     if weights == "raw":
         from tasks.train_worker import consolidated_weights
 
+        if "trainer" not in checkpoints.read_marker(url):
+            raise ValueError(f"{url} holds no DeepSpeed state (no raw weights): use the EMA weights")
+
         state = consolidated_weights(url)
     else:
         state = ema

@@ -97,6 +97,8 @@ def test_sample_refuses_clearly(root, tmp_path, capsys) -> None:
     assert len(err) == 1 and "is not committed (no COMMITTED marker)" in err[0]
     assert cli(["export", half, str(tmp_path / "e")]) == 2
     assert "is not committed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds no DeepSpeed state"):
+        load_checkpoint_model(url, "raw")
     vae = {"name": "sd-vae", "id": str(tmp_path / "no-vae"), "revision": "local", "weights_digest": "sha256:0"}
     attrs = {"autoencoder": vae, "image_channels": 3, "resolution": 256}
     with pytest.raises(AutoencoderUnavailable, match="place a diffusers AutoencoderKL folder there"):
