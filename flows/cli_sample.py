@@ -81,7 +81,8 @@ def run_sample(args: argparse.Namespace) -> int:
         result = sample_checkpoint(args.checkpoint_url, request, args.out, args.device)
     except (*EXPECTED, AutoencoderUnavailable) as exc:
         return _fail("sample", exc)
-    print(f"{result['num_images']} images: {result['png']} {result['npz']}")
+    png, npz = (u.removeprefix("file://") for u in (result["png"], result["npz"]))
+    print(f"{result['num_images']} images: {png} {npz}")
     return 0
 
 
@@ -95,5 +96,6 @@ def run_export(args: argparse.Namespace) -> int:
         result = export_checkpoint(args.checkpoint_url, args.out_dir, args.weights, args.drop_v_head)
     except EXPECTED as exc:
         return _fail("export", exc)
-    print(f"{result['num_parameters']:,d} parameters exported: " + " ".join(result["files"]))
+    files = " ".join(u.removeprefix("file://") for u in result["files"])
+    print(f"{result['num_parameters']:,d} parameters exported: {files}")
     return 0

@@ -63,6 +63,7 @@ def model_card(cfg: PipelineConfig, prov: dict[str, Any], model_cfg: dict[str, A
         + (", v head dropped (1- and 2-step sampling only)." if prov["v_head_dropped"] else "."),
         "",
         "```python",
+        "import torch",
         "from dumo_model import DualHeadDiT, SamplerConfig, sample",
         "",
         'model = DualHeadDiT.from_pretrained("THIS_DIR", device="cuda", dtype=torch.bfloat16)',
