@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 Heads = Literal["dual", "v", "u"]
 RInput = Literal["interval", "zero"]
 AttentionImpl = Literal["sdpa", "math"]
+PosEmbedAxes = Literal["xy", "yx"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class DiTConfig:
     time_scale: float = 1000.0
     attention: AttentionImpl = "sdpa"  # "math" supports forward-mode AD (jvp) on every backend
     grad_checkpointing: bool = False
+    # Which half of the sin-cos position channels encodes which axis: "xy" is DiT's and SiT's order (first
+    # half the column, second the row), so their checkpoints load; "yx" is the order this project used
+    # before November 2026. A model.json without this field was written then: LEGACY_CONFIG fills it in.
+    pos_embed_axes: PosEmbedAxes = "xy"
 
     @property
     def has_interval_embedder(self) -> bool:
@@ -64,6 +69,15 @@ PRESETS: dict[str, dict] = {
     # Runs a training step on a CPU in well under a second: 8x8x1 inputs, 16 tokens.
     "debug": dict(input_size=8, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10),
 }
+
+
+# Fields a model.json written before the field existed lacks, with the value that network was built with.
+LEGACY_CONFIG: dict[str, object] = {"pos_embed_axes": "yx"}
+
+
+def config_from_dict(data: dict) -> DiTConfig:
+    """A DiTConfig from a saved dict (model.json, config.json); fields it predates take their legacy value."""
+    return DiTConfig(**{**LEGACY_CONFIG, **data})
 
 
 def model_config(preset: str, **overrides) -> DiTConfig:
@@ -126,17 +140,19 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D)
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine positions (DiT/MAE): (grid*grid, dim)."""
+def sincos_pos_embed_2d(dim: int, grid: int, axes: PosEmbedAxes = "xy") -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions (DiT/MAE): (grid*grid, dim), tokens in row-major order. ``axes`` "xy":
+    channels [0, dim/2) encode the column, [dim/2, dim) the row (DiT's table); "yx": the other way round."""
     coords = torch.arange(grid, dtype=torch.float64)
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # row and column index of each token
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
 
     def one_axis(pos: torch.Tensor) -> torch.Tensor:
         out = pos.reshape(-1, 1) * omega[None]
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
-    return torch.cat([one_axis(gy), one_axis(gx)], dim=1).float()
+    first, second = (gx, gy) if axes == "xy" else (gy, gx)
+    return torch.cat([one_axis(first), one_axis(second)], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,13 +228,25 @@ class DualHeadDiT(nn.Module):
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, d)  # row num_classes = null class
         grid = cfg.input_size // p
         # Frozen parameter (not a buffer) so parameter counts match DiT's published ones.
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, grid)[None], requires_grad=False)  # (1, T, D)
+        self.pos_embed = nn.Parameter(
+            sincos_pos_embed_2d(d, grid, cfg.pos_embed_axes)[None], requires_grad=False
+        )  # (1, T, D)
         self.blocks = nn.ModuleList(
             [DiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.attention) for _ in range(cfg.depth)]
         )
         self.head_v = FinalLayer(d, p, ch) if cfg.heads in ("dual", "v") else None
         self.head_u = FinalLayer(d, p, ch) if cfg.heads in ("dual", "u") else None
         self.initialize_weights()
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> DualHeadDiT:
+        """The model of a directory written by ``dumo export`` (config.json + model.safetensors), on any
+        device and dtype, in eval mode; no project config or latent store needed."""
+        from dumo_model.exported import load_exported
+
+        return load_exported(directory, device=device, dtype=dtype)
 
     @property
     def null_class(self) -> int:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dumo_model.dit import model_config
 from dumo_model.objectives import ObjectiveConfig
+from dumo_model.pretrained import TIME_SCALE
 from dumo_model.samplers import SamplerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -95,10 +96,22 @@ class ModelSection(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     preset: str = "debug"
+    # Start a new run from a released DiT or SiT checkpoint (path or fsspec URL of the .pt/.safetensors file;
+    # docs/pretrained.md). None: random init. Resumed runs load their own checkpoint instead.
+    init_from: str | None = None
+    init_format: Literal["auto", "dit", "sit"] = "auto"  # auto: from the file name (DiT-... or SiT-...)
+    init_v_head: Literal["checkpoint", "zero"] = "checkpoint"  # the checkpoint's final layer, or zero
+    init_u_head: Literal["copy", "zero"] = "copy"  # a copy of the loaded v head, or zero
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
         model_config(self.preset, **self.overrides)  # raises on an unknown preset or field
+        if self.init_from is not None:  # the format (from the file name) fixes the time scale it needs
+            scale = TIME_SCALE[self.source_format]
+            if model_config(self.preset, **self.overrides).time_scale != scale:
+                raise ValueError(
+                    f"model.init_from is a {self.source_format} checkpoint: set model.time_scale={scale:g}"
+                )
         for derived in ("heads", "input_size", "in_channels", "num_classes"):
             if derived in self.overrides:
                 raise ValueError(f"model.{derived} is derived (from the objective or the latent store); remove it")
@@ -107,6 +120,17 @@ class ModelSection(BaseModel):
     @property
     def overrides(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def source_format(self) -> Literal["dit", "sit"]:
+        """The format of model.init_from: init_format, or told by the file name (SiT-XL-2-256x256.pt)."""
+        if self.init_format != "auto":
+            return self.init_format
+        name = (self.init_from or "").rsplit("/", 1)[-1].lower()
+        found = [f for f in ("dit", "sit") if name.startswith(f) or f"-{f}" in name or f"_{f}" in name]
+        if len(found) != 1:
+            raise ValueError(f"model.init_from {self.init_from!r}: set model.init_format to dit or sit")
+        return found[0]
 
 
 class TrainConfig(Section):

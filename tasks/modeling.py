@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
-from dumo_model.dit import DiTConfig, DualHeadDiT, model_config
-from tasks.config import PipelineConfig
+from dumo_model.dit import LEGACY_CONFIG, DiTConfig, DualHeadDiT, config_from_dict, model_config
+from tasks.config import ModelSection, PipelineConfig
 
 
 def dit_config(cfg: PipelineConfig, latent_shape: tuple[int, int, int], num_classes: int) -> DiTConfig:
@@ -25,8 +25,28 @@ def dit_config(cfg: PipelineConfig, latent_shape: tuple[int, int, int], num_clas
 
 
 def model_from_dict(config: dict[str, Any]) -> DualHeadDiT:
-    """Rebuild a network from the ``model.json`` a checkpoint carries."""
-    return DualHeadDiT(DiTConfig(**config))
+    """Rebuild a network from the ``model.json`` a checkpoint carries (fields it predates: legacy values)."""
+    return DualHeadDiT(config_from_dict(config))
+
+
+def resume_config(cfg: PipelineConfig, model: DiTConfig, saved: dict[str, Any]) -> tuple[DiTConfig, dict[str, Any]]:
+    """(the network a run continues with, the checkpoint's network as a complete dict). A field added since
+    the checkpoint was written (pos_embed_axes) and not set in the run's config keeps the checkpoint's value,
+    so a run begun before the field existed continues, and evaluates, on the table it was trained with."""
+    saved_full = asdict(config_from_dict(saved))
+    adopt = {k: saved_full[k] for k in LEGACY_CONFIG if k not in cfg.model.overrides}
+    return replace(model, **adopt), saved_full
+
+
+def init_from_pretrained(model: DualHeadDiT, section: ModelSection) -> str:
+    """Load ``model.init_from`` (a released DiT/SiT file) into a new run's network; returns the log line."""
+    from dumo_model.pretrained import init_from_released
+    from storage.pretrained import read_state_file
+
+    fmt = section.source_format
+    state = read_state_file(section.init_from or "")
+    report = init_from_released(model, state, fmt, section.init_v_head, section.init_u_head)
+    return f"initialised from {section.init_from}: {report.line()}"
 
 
 def config_dict(model: DualHeadDiT) -> dict[str, Any]:

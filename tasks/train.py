@@ -37,7 +37,7 @@ from storage import checkpoints as ckpts
 from storage import fs, latents
 from storage.layout import Root, RunLayout
 from tasks.config import PipelineConfig
-from tasks.modeling import dit_config
+from tasks.modeling import dit_config, resume_config
 from tasks.train_worker import CHECKPOINT_LINE, DONE_LINE, check_resumable
 
 EVENT = "dumo.checkpoint.saved"
@@ -84,7 +84,10 @@ def preflight(cfg: PipelineConfig) -> dict[str, Any]:
         url = run.checkpoint(step)
         state = ckpts.read_marker(url).get("trainer", {})
         saved_model = json.loads(fs.read_text(fs.join(url, ckpts.MODEL_FILE)))
+        model, saved_model = resume_config(cfg, model, saved_model)
         check_resumable(state, t, asdict(model), saved_model, url)
+    elif cfg.model.init_from and not fs.exists(cfg.model.init_from):
+        raise FileNotFoundError(f"model.init_from: no file at {cfg.model.init_from} (a DiT/SiT .pt or .safetensors)")
     return {"store_url": store_url, "num_samples": num_samples, "resume_step": step}
 
 

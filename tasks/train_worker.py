@@ -45,7 +45,7 @@ from storage.latent_dataset import LatentDataset
 from storage.layout import Root, RunLayout
 from storage.train_log import TrainLog, read_train_log
 from tasks.config import PipelineConfig, TrainConfig, config_from_yaml_text
-from tasks.modeling import dit_config
+from tasks.modeling import dit_config, init_from_pretrained, resume_config
 
 CHECKPOINT_LINE = "DUMO_CHECKPOINT"
 DONE_LINE = "DUMO_DONE"
@@ -220,6 +220,7 @@ class Trainer:
             return 0, None, False
         url = self.layout.checkpoint(step)
         saved_model = json.loads(fs.read_text(fs.join(url, ckpts.MODEL_FILE)))
+        self.model_cfg, saved_model = resume_config(self.cfg, self.model_cfg, saved_model)
         state = ckpts.read_marker(url).get("trainer", {})
         return step, url, check_resumable(state, self.t, asdict(self.model_cfg), saved_model, url)
 
@@ -275,6 +276,10 @@ class Trainer:
 
         torch.manual_seed(self.t.seed)  # every rank builds the same initial weights
         model = DualHeadDiT(self.model_cfg).to(self.device)  # the EMA must live where the weights will
+        if start_url is None and self.cfg.model.init_from:  # a new run from a released DiT/SiT checkpoint
+            message = init_from_pretrained(model, self.cfg.model)
+            if self.is_main:
+                self.log(message)
         self.num_params = sum(p.numel() for p in model.parameters())
         # Only rank 0 writes the EMA, so only rank 0 keeps one (an XL/2 copy is 2.7 GB)
         self.ema = EMA(model, self.t.ema_decay, warmup=self.t.ema_warmup) if self.is_main else None
