@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "flows.cli_train",  # train
     "flows.cli_eval",  # evaluate
     "flows.cli_pipeline",  # run, demo, compare
+    "flows.cli_store",  # verify-store
 )
 
 
