@@ -217,8 +217,9 @@ def store_status(store_url: str, expect: dict[str, Any] | None = None) -> dict[s
 def finalize_store(store_url: str) -> dict[str, Any]:
     """Verify every shard against its record, write the report, set ``complete: true``."""
     report = latents.finalize(store_url)
+    converted = ", ".join(f"{kind} {e['count']}" for kind, e in report["conversions"].items())
     get_run_logger().info(
         f"store {store_url}: complete, {report['num_valid']}/{report['num_rows']} rows valid,"
-        f" {report['num_skipped']} skipped"
+        f" {report['num_skipped']} skipped" + (f"; images converted: {converted}" if converted else "")
     )
     return report
