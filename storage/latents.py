@@ -361,11 +361,18 @@ def finalize(url: str, threads: int = 8) -> dict[str, Any]:
         shown = "; ".join(sorted(problems)[:10])
         raise StoreError(f"latent store {url} failed verification ({len(problems)} shard(s)): {shown}")
     skipped = [s for r in records for s in r["skipped"]]  # type: ignore[index]
+    conversions: dict[str, dict[str, Any]] = {}  # content-changing image conversions, summed over shards
+    for r in records:
+        for kind, entry in sorted(((r or {}).get("conversions") or {}).items()):
+            total = conversions.setdefault(kind, {"count": 0, "examples": []})
+            total["count"] += int(entry["count"])
+            total["examples"] = (total["examples"] + list(entry["examples"]))[:5]
     report = {
         "num_rows": info.num_rows,
         "num_valid": info.num_rows - len(skipped),
         "num_skipped": len(skipped),
         "skipped": skipped,
+        "conversions": conversions,
         "finalized_at": _now(),
     }
     group = _open_group(url, mode="r+")
