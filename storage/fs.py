@@ -44,9 +44,8 @@ def _endpoint_words(endpoint: str | None) -> str:
 
 def check_s3(url: str) -> None:
     """Raise S3SetupError, in one line naming the variables to set, when the S3 setup for ``url`` cannot
-    work. One request per bucket, endpoint and access key per process (botocore's standard retries for
-    transient errors only, 3 s to connect); a transient failure of the check itself is left to the real
-    request, whose retries deal with it."""
+    work. One request per bucket, endpoint and access key per process (one retry, 3 s to connect); a
+    transient failure of the check itself is left to the real request, whose retries deal with it."""
     import botocore.session
     from botocore.config import Config
     from botocore.exceptions import ClientError, EndpointConnectionError
@@ -64,7 +63,7 @@ def check_s3(url: str) -> None:
     with _check_lock:
         if key in _checked:
             return
-        config = Config(connect_timeout=3, read_timeout=20, retries={"mode": "standard", "max_attempts": 3})
+        config = Config(connect_timeout=3, read_timeout=20, retries={"mode": "standard", "max_attempts": 2})
         client = session.create_client("s3", endpoint_url=endpoint, config=config)
         where = _endpoint_words(endpoint)
         try:
