@@ -33,12 +33,11 @@ def test_the_proxy_injects_each_fault_kind_bounded_and_forwards_the_rest(proxy, 
     proxy.fault_rate, proxy.max_faults = 1.0, 0  # bounded at 0: everything forwarded
     fs.write_bytes(fs.join(s3_bucket, "a"), b"x" * 1000)
     assert fs.read_bytes(fs.join(s3_bucket, "a")) == b"x" * 1000 and proxy.faults == 0
-    proxy.fault_rate, proxy.max_faults = 0.5, 40
-    for i in range(30):  # s3fs and botocore retry each fault until the request gets through
+    proxy.fault_rate, proxy.max_faults = 0.5, 12
+    for i in range(12):  # s3fs and botocore retry each fault until the request gets through
         fs.write_bytes(fs.join(s3_bucket, f"k{i}"), bytes([i]) * 100)
-    assert all(fs.read_bytes(fs.join(s3_bucket, f"k{i}")) == bytes([i]) * 100 for i in range(30))
-    assert 0 < proxy.faults <= 40 and set(proxy.counts) <= {"503", "500", "drop_before", "drop_after"}
-    assert len(proxy.counts) == 4, proxy.counts  # 40 faults drawn from 4 kinds: each one occurs
+    assert all(fs.read_bytes(fs.join(s3_bucket, f"k{i}")) == bytes([i]) * 100 for i in range(12))
+    assert proxy.faults == 12 and set(proxy.counts) == {"503", "500", "drop_before", "drop_after"}, proxy.counts
 
 
 def test_the_lock_recognises_its_own_token_after_a_lost_answer(proxy, s3_bucket):  # noqa: F811
