@@ -175,7 +175,8 @@ def build_latents(
     if status["complete"]:
         logger.info(
             f"store {store} is complete ({status['num_rows']} rows, source {status['dataset_fingerprint']}):"
-            " nothing to encode (the source was not listed again; delete the store to rebuild it)"
+            " nothing to encode (the source was not listed again; delete the store to rebuild it). Its bytes are"
+            f" checked against their checksums when read; `dumo verify-store {store}` checks them all now"
         )
         return {
             "store": store,

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "flows.cli_eval",  # evaluate
     "flows.cli_pipeline",  # run, demo, compare
     "flows.cli_sample",  # sample, export
+    "flows.cli_store",  # verify-store
 )
 
 

@@ -333,6 +333,9 @@ class LocalPrefect:
             f"deployed prefect.yaml in {time.monotonic() - t0:.0f} s: {', '.join(names)}"
             f" (reevaluate-checkpoints/nightly scans {self.root})"
         )
+        from flows.zombies import install_crash_automation  # killed flow runs end as Crashed
+
+        print(install_crash_automation(self.api_url))
         if pid := self.running("worker"):
             print(f"worker already running (pid {pid})")
         else:

@@ -213,6 +213,7 @@ class EncodedRows:
     label: np.ndarray  # (B,) int32, -1 for skipped rows
     source: list[str]  # (B,) relative paths
     skipped: list[dict[str, Any]]  # {"row", "source", "error"}
+    conversions: dict[str, dict[str, Any]] | None = None  # kind -> {"count", "examples"}: storage.images.CONVERSIONS
 
 
 def encode_files(
@@ -236,10 +237,18 @@ def encode_files(
     std = np.zeros_like(mean)
     label = np.array([f.label for f in files], dtype=np.int32)
     skipped: list[dict[str, Any]] = []
+    conversions: dict[str, dict[str, Any]] = {}
     step = batch_size or ae.default_batch_size
     for lo in range(0, rows, step):
         batch = files[lo : lo + step]
-        images = load_images(source_url, batch, resolution, info.image_channels)
+        notes: list[list[str]] = []
+        images = load_images(source_url, batch, resolution, info.image_channels, notes)
+        for f, kinds in zip(batch, notes):
+            for kind in kinds:
+                entry = conversions.setdefault(kind, {"count": 0, "examples": []})
+                entry["count"] += 1
+                if len(entry["examples"]) < 5:
+                    entry["examples"].append(f.relpath)
         good = []
         for j, item in enumerate(images):
             if isinstance(item, BadImageError):
@@ -260,7 +269,7 @@ def encode_files(
         with _LOCK:
             ENCODE_STATS["calls"] += 1
             ENCODE_STATS["images"] += b
-    return EncodedRows(mean, std, label, [f.relpath for f in files], skipped)
+    return EncodedRows(mean, std, label, [f.relpath for f in files], skipped, conversions)
 
 
 def encode_shard(
@@ -291,7 +300,12 @@ def encode_shard(
     rows = encode_files(
         source_url, files, spec, ae_info, int(info.attrs["resolution"]), start, on_bad_image, batch_size
     )
-    facts = {"encode_seconds": round(time.perf_counter() - t0, 3), "host": socket.gethostname(), "pid": os.getpid()}
+    facts = {
+        "encode_seconds": round(time.perf_counter() - t0, 3),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "conversions": rows.conversions or {},
+    }
     return latents.write_shard(
         store_url, shard_index, rows.mean, rows.std, rows.label, rows.source, rows.skipped, {**(extra or {}), **facts}
     )

@@ -5,17 +5,21 @@
         model.json        the DiTConfig of the network, so a checkpoint rebuilds its own model
         config.yaml       the resolved pipeline config of the run
         trainer/          DeepSpeed state for an exact resume (written by the trainer)
-        COMMITTED         JSON {step, ema_sha256, files}; written last: no marker, no checkpoint
+        COMMITTED         JSON {step, ema_sha256, files, sha256: {file: digest}}; written last: no marker,
+                          no checkpoint
 
 A crash mid-write leaves a directory without COMMITTED, which ``committed_steps`` never lists and the
-next save at that step clears first. "latest" is the newest committed step.
+next save at that step clears first. "latest" is the newest committed step; "latest intact" the newest whose
+files all match the digests of its marker (``verify``): what resume falls back to when bytes have rotted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from safetensors.torch import load as st_load
@@ -29,6 +33,23 @@ EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.json"
 CONFIG_FILE = "config.yaml"
 TRAINER_DIR = "trainer"
+_READ_BLOCK = 8 * 2**20  # digests are computed over streamed blocks: a ZeRO partition can be gigabytes
+
+
+class CheckpointCorruptError(ValueError):
+    """A committed checkpoint whose files do not match the digests of its marker. A ValueError, not an
+    OSError: reading the same bytes again gives the same mismatch, so no retry may spin on it."""
+
+    def __init__(self, url: str, problems: list[str]):
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        super().__init__(
+            f"checkpoint {url} is corrupt ({shown}). Evaluate another step, or delete it (training then resumes"
+            " from the newest intact checkpoint before it)"
+        )
+        self.url, self.problems = url, list(problems)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Dask, Prefect results)
+        return (type(self), (self.url, self.problems))
 
 
 def is_committed(ckpt_url: str) -> bool:
@@ -56,23 +77,65 @@ def clear_uncommitted(ckpt_url: str) -> None:
         fs.remove(ckpt_url)
 
 
-def write_weights(ckpt_url: str, ema_state: dict, model_config: dict[str, Any], config_yaml: str) -> None:
-    """Write EMA weights, the network's config and the run config into an (uncommitted) checkpoint."""
+def write_weights(ckpt_url: str, ema_state: dict, model_config: dict[str, Any], config_yaml: str) -> dict[str, str]:
+    """Write EMA weights, the network's config and the run config into an (uncommitted) checkpoint; returns
+    their sha256 digests, for ``commit``."""
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in ema_state.items()}
-    fs.write_bytes(fs.join(ckpt_url, EMA_FILE), st_save(tensors))
-    fs.write_text(fs.join(ckpt_url, MODEL_FILE), json.dumps(model_config, indent=1, sort_keys=True))
-    fs.write_text(fs.join(ckpt_url, CONFIG_FILE), config_yaml)
+    blobs = {
+        EMA_FILE: st_save(tensors),
+        MODEL_FILE: json.dumps(model_config, indent=1, sort_keys=True).encode(),
+        CONFIG_FILE: config_yaml.encode(),
+    }
+    for name, data in blobs.items():
+        fs.write_bytes(fs.join(ckpt_url, name), data)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
 
 
-def commit(ckpt_url: str, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the marker last. It records the EMA digest (the evaluation cache key) and the files."""
-    ema = fs.read_bytes(fs.join(ckpt_url, EMA_FILE))
+def _sha256_stream(read: Callable[[int], bytes]) -> str:
+    h = hashlib.sha256()
+    while block := read(_READ_BLOCK):
+        h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(url: str) -> str:
+    """sha256 (hex) of one object, streamed."""
+    fsys, path = fs.filesystem(url)
+    with fsys.open(path, "rb") as f:
+        return _sha256_stream(f.read)
+
+
+def local_digests(local_dir: str, prefix: str = "") -> dict[str, str]:
+    """``{prefix + relative path: sha256}`` of every file under a local directory: the trainer hashes its
+    DeepSpeed state in staging, before the upload, so an object store is not read back to commit."""
+    out = {}
+    for dirpath, _, names in os.walk(local_dir):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                out[prefix + os.path.relpath(full, local_dir).replace(os.sep, "/")] = _sha256_stream(f.read)
+    return out
+
+
+def _list_files(ckpt_url: str) -> list[str]:
     fsys, path = fs.filesystem(ckpt_url)
-    files = sorted(p[len(path.rstrip("/")) + 1 :] for p in fsys.find(path))
+    return sorted(p[len(path.rstrip("/")) + 1 :] for p in fsys.find(path))
+
+
+def commit(
+    ckpt_url: str, step: int, extra: dict[str, Any] | None = None, digests: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Write the marker last. It records the sha256 of every file of the checkpoint, whatever files it holds
+    (``digests`` gives those the caller hashed already, the rest are read here), and the EMA digest apart
+    (the evaluation cache key)."""
+    files = [f for f in _list_files(ckpt_url) if f != MARKER]
+    known = digests or {}
+    sha = {f: known[f] if f in known else file_sha256(fs.join(ckpt_url, f)) for f in files}
     record = {
         "step": step,
-        "ema_sha256": hashlib.sha256(ema).hexdigest(),
+        "ema_sha256": sha[EMA_FILE],
         "files": files,
+        "sha256": sha,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
@@ -91,17 +154,74 @@ def digest(ckpt_url: str) -> str:
     return read_marker(ckpt_url)["ema_sha256"]
 
 
+def _expected(record: dict[str, Any]) -> dict[str, str]:
+    """The recorded digests; a marker from before per-file digests has the EMA's only."""
+    return dict(record.get("sha256") or {EMA_FILE: record["ema_sha256"]})
+
+
+def _check(name: str, expected: str | None, found: str | None) -> str | None:
+    if expected is None or found == expected:
+        return None
+    if found is None:
+        return f"{name} is missing"
+    return f"{name} has sha256 {found[:12]}..., its marker records {expected[:12]}..."
+
+
+def verify(ckpt_url: str, only: list[str] | None = None) -> list[str]:
+    """What is wrong with a committed checkpoint's files (empty when every file matches its marker's digest),
+    in words. ``only``: check these files alone (what a reader is about to load)."""
+    expected = _expected(read_marker(ckpt_url))
+    problems = []
+    for name in sorted(expected) if only is None else only:
+        try:
+            found = file_sha256(fs.join(ckpt_url, name))
+        except FileNotFoundError:
+            found = None
+        problem = _check(name, expected.get(name), found)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def latest_intact(run: RunLayout, on_corrupt: Callable[[int, list[str]], None] | None = None) -> int | None:
+    """The newest committed step whose files all match their digests; ``on_corrupt(step, problems)`` is
+    called for each newer one passed over (left in place: the next save at that step replaces it)."""
+    for step in reversed(committed_steps(run)):
+        problems = verify(run.checkpoint(step))
+        if not problems:
+            return step
+        if on_corrupt is not None:
+            on_corrupt(step, problems)
+    return None
+
+
+def clear(ckpt_url: str) -> None:
+    """Remove a checkpoint directory before writing its step again (marker first, so a crash in between
+    never leaves a marked partial one)."""
+    if fs.exists(ckpt_url):
+        fs.remove(fs.join(ckpt_url, MARKER))
+        fs.remove(ckpt_url)
+
+
+def _read_checked(ckpt_url: str, name: str, expected: dict[str, str]) -> bytes:
+    raw = fs.read_bytes(fs.join(ckpt_url, name))
+    problem = _check(name, expected.get(name), hashlib.sha256(raw).hexdigest())
+    if problem:
+        raise CheckpointCorruptError(ckpt_url, [problem])
+    return raw
+
+
 def load_weights(ckpt_url: str) -> tuple[dict[str, Any], dict]:
-    """(model config dict, EMA state dict) of a committed checkpoint; checks the digest."""
-    record = read_marker(ckpt_url)
-    raw = fs.read_bytes(fs.join(ckpt_url, EMA_FILE))
-    if hashlib.sha256(raw).hexdigest() != record["ema_sha256"]:
-        raise OSError(f"{ckpt_url}/{EMA_FILE} does not match the digest in its {MARKER} marker")
-    return json.loads(fs.read_text(fs.join(ckpt_url, MODEL_FILE))), st_load(raw)
+    """(model config dict, EMA state dict) of a committed checkpoint; checks both files' digests."""
+    expected = _expected(read_marker(ckpt_url))
+    raw = _read_checked(ckpt_url, EMA_FILE, expected)
+    model = json.loads(_read_checked(ckpt_url, MODEL_FILE, expected))
+    return model, st_load(raw)
 
 
 def read_config_yaml(ckpt_url: str) -> str:
-    return fs.read_text(fs.join(ckpt_url, CONFIG_FILE))
+    """The run config a committed checkpoint was trained with (digest checked)."""
+    return _read_checked(ckpt_url, CONFIG_FILE, _expected(read_marker(ckpt_url))).decode("utf-8")
 
 
 def trainer_state_url(ckpt_url: str) -> str:

@@ -3,17 +3,28 @@
 S3 goes through s3fs. The endpoint comes from ``DUMO_S3_ENDPOINT_URL`` (or the standard
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``); credentials come from the environment or the standard
 AWS config files and are never taken as parameters, logged or written into artifacts.
+
+The first use of an S3 bucket in a process checks the setup with one request (``check_s3``): no
+credentials, an endpoint that cannot be reached or does not answer like S3, or refused credentials fail
+within seconds, in one line that names the variables to set, instead of surfacing as retried I/O errors.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.errors import S3SetupError, is_transient
+
 ENDPOINT_ENV_VARS = ("DUMO_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or ~/.aws/credentials)"
+ENDPOINT_HINT = "set DUMO_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) to your S3 endpoint, or unset it for AWS itself"
+_checked: set[tuple[str | None, str, str | None]] = set()
+_check_lock = threading.Lock()
 
 
 def s3_endpoint() -> str | None:
@@ -24,10 +35,74 @@ def s3_endpoint() -> str | None:
     return None
 
 
+def _endpoint_words(endpoint: str | None) -> str:
+    if endpoint is None:
+        return "AWS S3 (no endpoint variable set)"
+    name = next(n for n in ENDPOINT_ENV_VARS if os.environ.get(n) == endpoint)
+    return f"{endpoint} (from {name})"
+
+
+def check_s3(url: str) -> None:
+    """Raise S3SetupError, in one line naming the variables to set, when the S3 setup for ``url`` cannot
+    work. One request per bucket, endpoint and access key per process (one retry, 3 s to connect); a
+    transient failure of the check itself is left to the real request, whose retries deal with it."""
+    import botocore.session
+    from botocore.config import Config
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from botocore.parsers import ResponseParserError
+
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    endpoint = s3_endpoint()
+    session = botocore.session.get_session()
+    creds = session.get_credentials()
+    if creds is None:
+        raise S3SetupError(f"no S3 credentials found for {url}: {CREDENTIAL_HINT}")
+    key = (endpoint, bucket, creds.access_key)
+    if key in _checked:
+        return
+    with _check_lock:
+        if key in _checked:
+            return
+        config = Config(connect_timeout=3, read_timeout=20, retries={"mode": "standard", "max_attempts": 2})
+        client = session.create_client("s3", endpoint_url=endpoint, config=config)
+        where = _endpoint_words(endpoint)
+        try:
+            client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+        except EndpointConnectionError as exc:
+            raise S3SetupError(f"cannot reach the S3 endpoint {where}: {ENDPOINT_HINT}") from exc
+        except ResponseParserError as exc:
+            raise S3SetupError(f"the endpoint {where} does not answer like S3: {ENDPOINT_HINT}") from exc
+        except ClientError as exc:
+            if is_transient(exc):
+                return
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("AccessDenied", "403"):  # may only lack s3:ListBucket: the real request will tell
+                _checked.add(key)
+                return
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+                msg = f"{where} refused the credentials for s3://{bucket} ({code}): {CREDENTIAL_HINT}"
+            elif code == "NoSuchBucket":
+                msg = f"no bucket {bucket!r} at {where}: create it, or check the URL and endpoint"
+            elif not code or code.isdigit():  # an HTTP error without S3's error document: not an S3 server
+                msg = f"the endpoint {where} does not answer like S3 (HTTP {code}): {ENDPOINT_HINT}"
+            else:
+                raise
+            raise S3SetupError(msg) from exc
+        except Exception as exc:
+            if is_transient(exc):
+                return
+            raise
+        finally:
+            client.close()
+        _checked.add(key)
+
+
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for ``url``: auto_mkdir for local files, the endpoint for S3. No secrets."""
+    """fsspec options for ``url``: auto_mkdir for local files, the endpoint for S3. No secrets. Every S3
+    access of the project comes through here, so here the S3 setup is checked (once per bucket)."""
     protocol = protocol_of(url)
     if protocol == "s3":
+        check_s3(url)
         opts: dict[str, Any] = {}
         endpoint = s3_endpoint()
         if endpoint:

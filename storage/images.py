@@ -5,6 +5,16 @@
 Samples are the sorted relative paths ``<class>/<file>``; the class index is the position of the folder
 name in the sorted list of class folders. Pixels come out as float32 ``(C, R, R)`` in ``[-1, 1]`` after
 the ADM center crop (guided-diffusion's ``center_crop_arr``, which DiT and its successors use for ImageNet).
+
+Images are taken as they are meant, and every conversion that changes content is named (``CONVERSIONS``)
+so the store's report can count it:
+- 16-bit (and 32-bit integer) grey is scaled to 8 bits (x 255/65535), not clipped; float images are read
+  as [0, 1];
+- alpha (RGBA, LA, palette transparency) is composited on ALPHA_BACKGROUND, white, as a viewer shows it;
+- CMYK goes to RGB through its embedded ICC profile when it has one (LittleCMS, to sRGB), else PIL's
+  formula; palette images are expanded to their colours;
+- colour images in a grey store become luminance (ITU-R 601-2, PIL's "L");
+- an image whose short side is below the crop resolution is enlarged by the bicubic resize ("upscaled").
 """
 
 from __future__ import annotations
@@ -14,12 +24,24 @@ import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from storage.fs import filesystem, join
 
+ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels become: white
+CONVERSIONS = (
+    "scaled_16bit",  # 16/32-bit integer grey scaled to 8 bits
+    "scaled_float",  # float image read as [0, 1]
+    "alpha_composited",  # transparency composited on ALPHA_BACKGROUND
+    "cmyk_icc",  # CMYK converted to sRGB through its ICC profile
+    "cmyk_formula",  # CMYK without a profile: PIL's naive formula
+    "colour_to_grey",  # colour in a grey store
+    "other_mode",  # YCbCr, LAB, HSV... converted by PIL
+    "upscaled",  # short side below the resolution: enlarged
+)
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 CROP_RECIPE = "adm_center_crop"
 PIXEL_RANGE = (-1.0, 1.0)
@@ -33,6 +55,9 @@ class BadImageError(ValueError):
         super().__init__(f"bad image file {path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable: it crosses Dask workers and Prefect results
+        return (type(self), (self.path, self.reason))
 
 
 @dataclass(frozen=True)
@@ -124,21 +149,75 @@ def adm_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def decode_image(data: bytes, path: str, resolution: int, channels: int) -> np.ndarray:
+def _to_8bit(im: Image.Image, notes: list[str]) -> Image.Image:
+    """Grey or colour 8-bit (modes L, LA, RGB, RGBA) from whatever PIL decoded."""
+    mode = im.mode
+    if mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs, TIFFs): scale the 16-bit range, do not clip
+        arr = np.asarray(im).astype(np.float64)
+        notes.append("scaled_16bit")
+        return Image.fromarray(np.clip(np.round(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8))
+    if mode == "F":
+        notes.append("scaled_float")
+        return Image.fromarray(np.clip(np.round(np.asarray(im) * 255.0), 0, 255).astype(np.uint8))
+    if mode == "CMYK":
+        icc = im.info.get("icc_profile")
+        if icc:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            notes.append("cmyk_icc")
+            return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        notes.append("cmyk_formula")
+        return im.convert("RGB")
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        return im.convert("RGBA" if has_alpha else "RGB")
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("La", "RGBa"):
+        return im.convert("LA" if mode == "La" else "RGBA")
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        notes.append("other_mode")
+        return im.convert("RGB")
+    return im
+
+
+def _composite(im: Image.Image, notes: list[str]) -> Image.Image:
+    """Drop alpha by compositing on ALPHA_BACKGROUND (counted only when some pixel is not opaque)."""
+    if im.mode not in ("LA", "RGBA"):
+        return im
+    target = im.mode[:-1]  # "L" or "RGB"
+    if im.getchannel("A").getextrema()[0] == 255:
+        return im.convert(target)
+    notes.append("alpha_composited")
+    background = Image.new("RGBA", im.size, (*ALPHA_BACKGROUND, 255))
+    return Image.alpha_composite(background, im.convert("RGBA")).convert(target)
+
+
+def decode_image(data: bytes, path: str, resolution: int, channels: int, notes: list[str] | None = None) -> np.ndarray:
     """Encoded image bytes -> float32 ``(channels, resolution, resolution)`` in [-1, 1].
 
+    Conversions that change content (see CONVERSIONS) are appended to ``notes`` when given.
     Raises BadImageError naming ``path`` for anything PIL cannot decode (corrupt, truncated, not an image).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    notes = [] if notes is None else notes
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode now, so a truncated file fails here and not later
-            image = im.convert("L" if channels == 1 else "RGB")
+            image = _composite(_to_8bit(im, notes), notes)
+            if channels == 1 and image.mode == "RGB":
+                r, g, b = image.split()
+                if not (r.tobytes() == g.tobytes() == b.tobytes()):
+                    notes.append("colour_to_grey")
+            image = image.convert("L" if channels == 1 else "RGB")
     except UnidentifiedImageError as exc:
         raise BadImageError(path, "not an image PIL can identify (corrupt header or another format)") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadImageError(path, f"{type(exc).__name__}: {exc}") from exc
+    if min(image.size) < resolution:
+        notes.append("upscaled")
     image = adm_center_crop(image, resolution)
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim == 2:
@@ -158,11 +237,16 @@ def probe_channels(source: ImageSource) -> int:
 
 
 def load_images(
-    source_url: str, files: Sequence[ImageFile], resolution: int, channels: int
+    source_url: str,
+    files: Sequence[ImageFile],
+    resolution: int,
+    channels: int,
+    notes: list[list[str]] | None = None,
 ) -> list[np.ndarray | BadImageError]:
     """Read and decode ``files`` (fetched concurrently where the filesystem is async, e.g. S3). A file that
     does not decode comes back as its BadImageError, for the caller's on_bad_image policy; I/O errors are
-    raised (as OSError naming the file) so that the task's retries can deal with them."""
+    raised (as OSError naming the file) so that the task's retries can deal with them. ``notes`` receives
+    one list of content-changing conversions per file."""
     fs, root = filesystem(source_url)
     paths = [f"{root.rstrip('/')}/{f.relpath}" for f in files]
     blobs = fs.cat(paths, on_error="return") if paths else {}
@@ -174,8 +258,11 @@ def load_images(
             raise OSError(f"reading {url}: {type(data).__name__}: {data}") from data
         if data is None:
             raise OSError(f"reading {url}: no data returned")
+        file_notes: list[str] = []
+        if notes is not None:
+            notes.append(file_notes)
         try:
-            out.append(decode_image(data, url, resolution, channels))
+            out.append(decode_image(data, url, resolution, channels, file_notes))
         except BadImageError as exc:
             out.append(exc)
     return out

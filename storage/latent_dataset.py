@@ -17,6 +17,10 @@ So resuming at step ``S`` with any world size yields exactly the batches an unin
 
 A sample is ``x = (mean[i, f] + std[i, f] * noise - latent_shift) * latent_scale``, ``f`` the flip (0 or 1).
 
+Every shard is checked against its record's checksum when it is first read (all of them at once in memory
+mode; in streaming mode the whole shard on its first touch), so no corrupt byte is trained on: a bad shard
+raises StoreCorruptError naming the store, the shard and ``dumo verify-store URL --repair``.
+
 It is also a map-style ``torch.utils.data.Dataset`` (``ds[k]`` is the k-th sample of epoch ``ds.epoch`` as
 seen by this rank; ``len(ds)`` is that rank's count) and iterable (``for x, y in ds``), for code that wants
 a DataLoader; ``set_epoch(e)`` moves both.
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 import zarr
 
-from storage.latents import StoreError, StoreInfo, zarr_store
+from storage.latents import StoreError, StoreInfo, parse_records, read_shard, zarr_store
 
 IN_MEMORY_AUTO_BYTES = 2 * 1024**3  # 'auto' loads stores up to this size (mean + std) into memory
 
@@ -106,14 +110,27 @@ class LatentDataset(torch.utils.data.Dataset):
         self.latent_shift = float(self.info.attrs["latent_shift"])
         self.num_classes = len(self.info.class_names)
         self.latent_shape: tuple[int, int, int] = self.info.latent_shape
-        labels = group["label"][:]
+        self._group, self._records = group, parse_records(group["shard_records"][:])
+        self._verified: set[int] = set()  # shards whose checksum has been checked in this process
+        nbytes = 2 * group["mean"].nbytes
+        self.in_memory = bool(in_memory) if in_memory != "auto" else nbytes <= IN_MEMORY_AUTO_BYTES
+        if self.in_memory:  # read shard by shard, each checked against its record
+            self._mean = np.empty(group["mean"].shape, group["mean"].dtype)
+            self._std = np.empty_like(self._mean)
+            labels = np.empty(group["label"].shape, np.int32)
+            for index in range(self.info.num_shards):
+                start, stop = self.info.shard_rows(index)
+                self._mean[start:stop], self._std[start:stop], labels[start:stop] = self._checked(index)
+        else:
+            self._mean, self._std, labels = group["mean"], group["std"], group["label"][:]
         self._rows = np.flatnonzero(labels >= 0)  # usable store rows, in store order
         self._perm: tuple[int, np.ndarray] = (-1, self._rows)
         self._labels = labels.astype(np.int64)
-        nbytes = 2 * group["mean"].nbytes
-        self.in_memory = bool(in_memory) if in_memory != "auto" else nbytes <= IN_MEMORY_AUTO_BYTES
-        self._mean: np.ndarray | zarr.Array = group["mean"][:] if self.in_memory else group["mean"]
-        self._std: np.ndarray | zarr.Array = group["std"][:] if self.in_memory else group["std"]
+
+    def _checked(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = read_shard(self._group, self.info, index, self._records[index])
+        self._verified.add(index)
+        return out
 
     @property
     def num_samples(self) -> int:
@@ -141,6 +158,9 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.in_memory:
             mean, std = self._mean[rows, flips], self._std[rows, flips]
         else:  # zarr reads sorted rows fastest (both flips come along); undo the sort afterwards
+            for index in np.unique(rows // self.info.shard_size).tolist():
+                if index not in self._verified:  # first touch: the whole shard is read once and checked
+                    self._checked(index)
             order = np.argsort(rows, kind="stable")
             inverse = np.empty_like(order)
             inverse[order] = np.arange(len(order))

@@ -11,7 +11,8 @@ One Zarr shard of ``mean``/``std`` (and one chunk of ``label``/``source``) holds
 the rows of one encode task: no two writers ever touch the same object, since partial-shard writes from
 parallel writers lose data (zarr-python #3682). A shard's record is written after its data, so a record is
 the commit marker of its shard; ``finalize`` re-reads every shard, checks it against its record's checksum and
-only then sets ``complete: true``.
+only then sets ``complete: true``. Readers check them again when they first read a shard (``read_shard``):
+no corrupt byte is trained on, and a bad shard is named with the way out (``dumo verify-store``).
 
 Stage functions (pangeo-forge style): ``create`` -> ``write_shard`` (a region write, safe to redo) ->
 ``finalize``. They run the same under Prefect, Dask, or a plain loop.
@@ -56,6 +57,20 @@ _CHUNK_TARGET_BYTES = 64 * 1024  # inner chunks: small enough that a random read
 
 class StoreError(RuntimeError):
     """A store that is missing, incompatible with a request, or fails verification."""
+
+
+class StoreCorruptError(StoreError):
+    """A shard whose bytes do not decode, or decode to rows that do not match its record's checksum."""
+
+    def __init__(self, url: str, shard: int, problem: str):
+        super().__init__(
+            f"latent store {url}: shard {shard} {problem}. Run `dumo verify-store {url} --repair` to re-encode"
+            " the bad shards from the source (while it is still there), or delete the store and build it again"
+        )
+        self.url, self.shard, self.problem = url, shard, problem
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Dask, Prefect results)
+        return (type(self), (self.url, self.shard, self.problem))
 
 
 @dataclass(frozen=True)
@@ -270,8 +285,7 @@ def write_shard(
 
 def shard_records(url: str) -> list[dict[str, Any] | None]:
     """Every shard's completion record, None where a shard has not been written."""
-    raw = _open_group(url)["shard_records"][:]
-    return [json.loads(str(r)) if str(r) else None for r in raw]
+    return parse_records(_open_group(url)["shard_records"][:])
 
 
 def shard_record(url: str, shard_index: int) -> dict[str, Any] | None:
@@ -280,27 +294,61 @@ def shard_record(url: str, shard_index: int) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def read_shard(
+    group: zarr.Group, info: StoreInfo, shard_index: int, record: dict[str, Any] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, label) of one whole shard, checked against its record's checksum; raises
+    StoreCorruptError naming the store and the shard when the bytes do not decode or do not match."""
+    start, stop = info.shard_rows(shard_index)
+    where = f"(rows {start}-{stop})"
+    if record is None:
+        raise StoreCorruptError(info.url, shard_index, f"{where}: no completion record")
+    if (record.get("start"), record.get("stop")) != (start, stop):
+        problem = f"record covers rows {record.get('start')}-{record.get('stop')}, not {start}-{stop}"
+        raise StoreCorruptError(info.url, shard_index, problem)
+    try:
+        mean, std = group["mean"][start:stop], group["std"][start:stop]
+        label, source = group["label"][start:stop], [str(s) for s in group["source"][start:stop]]
+    except Exception as exc:  # a codec rejecting the bytes: one line, not the codec's stack
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        problem = f"{where}: does not decode ({type(exc).__name__}: {first})"
+        raise StoreCorruptError(info.url, shard_index, problem) from exc
+    found = checksum(mean, std, label, source)
+    if found != record["checksum"]:
+        raise StoreCorruptError(info.url, shard_index, f"{where}: checksum {found} != recorded {record['checksum']}")
+    return mean, std, label
+
+
+def parse_records(raw: Any) -> list[dict[str, Any] | None]:
+    """The ``shard_records`` array as dicts (None where a shard has no record, or an unreadable one)."""
+    out: list[dict[str, Any] | None] = []
+    for r in raw:
+        try:
+            out.append(json.loads(str(r)) if str(r) else None)
+        except json.JSONDecodeError:
+            out.append(None)
+    return out
+
+
 def verify_shard(url: str, shard_index: int, record: dict[str, Any] | None = None) -> str | None:
     """None if the shard's data matches its record, else what is wrong (in words)."""
     group = _open_group(url)
     info = StoreInfo(url=url, attrs=dict(group.attrs))
-    start, stop = info.shard_rows(shard_index)
     if record is None:
-        raw = str(group["shard_records"][shard_index])
-        if not raw:
-            return f"shard {shard_index} (rows {start}-{stop}): no completion record"
-        record = json.loads(raw)
-    if (record.get("start"), record.get("stop")) != (start, stop):
-        return f"shard {shard_index}: record covers rows {record.get('start')}-{record.get('stop')}, not {start}-{stop}"
-    found = checksum(
-        group["mean"][start:stop],
-        group["std"][start:stop],
-        group["label"][start:stop],
-        [str(s) for s in group["source"][start:stop]],
-    )
-    if found != record["checksum"]:
-        return f"shard {shard_index} (rows {start}-{stop}): checksum {found} != recorded {record['checksum']}"
+        record = parse_records(group["shard_records"][shard_index : shard_index + 1])[0]
+    try:
+        read_shard(group, info, shard_index, record)
+    except StoreCorruptError as exc:
+        return f"shard {shard_index} {exc.problem}"
     return None
+
+
+def verify(url: str, threads: int = 8) -> list[tuple[int, str]]:
+    """``(shard index, what is wrong)`` for every shard that does not match its record (empty: all good)."""
+    records = shard_records(url)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # I/O bound on object stores
+        found = pool.map(lambda i: verify_shard(url, i, records[i]), range(len(records)))
+        return [(i, p) for i, p in enumerate(found) if p]
 
 
 def finalize(url: str, threads: int = 8) -> dict[str, Any]:
@@ -308,17 +356,23 @@ def finalize(url: str, threads: int = 8) -> dict[str, Any]:
     ``complete: true``. Raises StoreError listing the bad or missing shards, leaving the store incomplete."""
     info = open_store(url)
     records = shard_records(url)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # I/O bound on object stores
-        problems = [p for p in pool.map(lambda i: verify_shard(url, i, records[i]), range(len(records))) if p]
+    problems = [p for _, p in verify(url, threads)]
     if problems:
         shown = "; ".join(sorted(problems)[:10])
         raise StoreError(f"latent store {url} failed verification ({len(problems)} shard(s)): {shown}")
     skipped = [s for r in records for s in r["skipped"]]  # type: ignore[index]
+    conversions: dict[str, dict[str, Any]] = {}  # content-changing image conversions, summed over shards
+    for r in records:
+        for kind, entry in sorted(((r or {}).get("conversions") or {}).items()):
+            total = conversions.setdefault(kind, {"count": 0, "examples": []})
+            total["count"] += int(entry["count"])
+            total["examples"] = (total["examples"] + list(entry["examples"]))[:5]
     report = {
         "num_rows": info.num_rows,
         "num_valid": info.num_rows - len(skipped),
         "num_skipped": len(skipped),
         "skipped": skipped,
+        "conversions": conversions,
         "finalized_at": _now(),
     }
     group = _open_group(url, mode="r+")

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from storage import fs
+from storage.errors import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +251,20 @@ def exclusive(
 
     waited_since = time.monotonic()
     logged = False
-    while not _create_exclusive(lock_url, payload()):
+    while True:
+        try:
+            created = _create_exclusive(lock_url, payload())
+        except Exception as exc:  # a lost answer: whether the create was applied is read below
+            if not is_transient(exc):
+                raise
+            created = False
+        if created:
+            break
         holder = _read_lock(lock_url)
+        if holder is not None and holder.get("token") == token:
+            # Our own conditional PUT was applied but its answer was lost, and the client's retry got 412
+            log.info("lock %s: our create was applied though its answer was lost; holding it", lock_url)
+            break
         if holder is not None and time.time() - float(holder.get("heartbeat", 0)) > stale_after_s:
             again = _read_lock(lock_url)  # re-read: break only the lock we judged stale
             if again is not None and again.get("token") == holder.get("token"):

@@ -1,8 +1,11 @@
 """A run's training log on any root: JSON lines at ``runs/<run>/train-log.jsonl``.
 
-One record per step: ``step``, ``loss``, ``loss_v``, ``loss_u`` (None where the objective has no such
+One record per step: ``step``, ``loss``, ``loss_v``, ``loss_u`` (null where the objective has no such
 term), ``grad_norm``, ``lr``, ``images_per_s``, ``world_size``. A resumed run redoes the steps after its
 checkpoint, so where a step appears twice its later record wins.
+
+Every line is strict JSON: a NaN or infinite number is written as the string ``"NaN"``, ``"Infinity"`` or
+``"-Infinity"`` (distinct from null, "no such term"), and ``read_train_log`` turns them back into floats.
 """
 
 from __future__ import annotations
@@ -15,6 +18,23 @@ from typing import Any
 from storage import fs
 from storage.layout import RunLayout
 
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """One record as a line of strict JSON (non-finite numbers as strings)."""
+    return json.dumps({k: _encode(v) for k, v in record.items()}, allow_nan=False)
+
+
+def loads(line: str) -> dict[str, Any]:
+    return {k: NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in json.loads(line).items()}
+
 
 def read_train_log(layout: RunLayout) -> list[dict[str, Any]]:
     """A run's per-step records, one per step (where a resumed run redid a step, its later record wins)."""
@@ -24,7 +44,7 @@ def read_train_log(layout: RunLayout) -> list[dict[str, Any]]:
     # Only whole lines: the last one may be half-appended (being written, or cut by a crash)
     for line in fs.read_text(layout.train_log).split("\n")[:-1]:
         if line.strip():
-            rec = json.loads(line)
+            rec = loads(line)
             by_step[int(rec["step"])] = rec
     return [by_step[s] for s in sorted(by_step)]
 
@@ -39,15 +59,17 @@ class TrainLog:
         self.layout, self.url = layout, layout.train_log
         # A crash leaves records past the checkpoint resumed from: drop them, those steps are redone.
         self.records = [r for r in read_train_log(layout) if r["step"] <= keep_until]
-        fs.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
+        fs.write_text(self.url, "".join(dumps(r) + "\n" for r in self.records))
         self.unflushed: list[dict[str, Any]] = []
         self.flushed_at = time.monotonic()
 
-    def add(self, step_losses: list[tuple[int, list[float], Any, float]], images_per_s: float, world: int) -> dict:
-        """Records for ``(step, [loss, loss_v, loss_u], grad_norm, lr)`` rows (NaN = no such term); the last."""
+    def add(
+        self, step_losses: list[tuple[int, list[float | None], Any, float]], images_per_s: float, world: int
+    ) -> dict:
+        """Records for ``(step, [loss, loss_v, loss_u], grad_norm, lr)`` rows (None = no such term); the last."""
         new = []
         for step, losses, grad_norm, lr in step_losses:
-            loss, loss_v, loss_u = (None if math.isnan(v) else v for v in losses)
+            loss, loss_v, loss_u = losses
             grad_norm = None if grad_norm is None else float(grad_norm)
             rec = dict(step=step, loss=loss, loss_v=loss_v, loss_u=loss_u, lr=lr, grad_norm=grad_norm)
             new.append({**rec, "images_per_s": images_per_s, "world_size": world})
@@ -61,7 +83,7 @@ class TrainLog:
             return
         if fs.is_local(self.url):
             with open(fs.local_path(self.url), "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.unflushed)
+                f.writelines(dumps(r) + "\n" for r in self.unflushed)
         else:
-            fs.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
+            fs.write_text(self.url, "".join(dumps(r) + "\n" for r in self.records))
         self.unflushed, self.flushed_at = [], time.monotonic()

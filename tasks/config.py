@@ -158,6 +158,9 @@ class TrainConfig(Section):
     keep_every: int | None = Field(None, ge=1)  # also keep every M-th step
     log_every: int = Field(10, ge=1)
     torch_threads: int | None = Field(None, ge=1)  # per rank on CPU; None = cores / ranks
+    # Steps with a NaN/infinite loss or gradient norm tolerated; training stops at the next one, before it
+    # commits anything (checked once per log window). 0: stop at the first.
+    max_nonfinite_steps: int = Field(0, ge=0)
 
     @property
     def world_size(self) -> int:

@@ -22,14 +22,14 @@ from storage import autoencoders, images, latents
 from storage.autoencoders import AutoencoderSpec, describe
 from storage.fs import is_local, local_path, storage_options
 from storage.layout import root_of_latent_store
+from tasks.retry import retry_transient
 
 FLIP_POLICY = "stored: axis 1 of mean/std = [original, horizontal flip]; the reader picks one uniformly"
 
 
 def _retry_on_io_error(task: Task, task_run: Any, state: Any) -> bool:
     """Retry transient I/O errors (network, object store); never a file that does not decode."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, OSError) and not isinstance(exc, images.BadImageError)
+    return retry_transient(task, task_run, state)
 
 
 def result_storage(store_url: str) -> Path | WritableFileSystem:
@@ -131,6 +131,7 @@ def prepare_store(
             "flip": FLIP_POLICY,
             "class_names": plan["class_names"],
             "dataset_fingerprint": plan["fingerprint"],
+            "source_url": plan["source_url"],  # where verify-store --repair re-encodes from
         }
         info = latents.create(store_url, plan["num_rows"], ae.latent_shape, latent_dtype, shard_size, attrs)
         recorded = []
@@ -216,8 +217,9 @@ def store_status(store_url: str, expect: dict[str, Any] | None = None) -> dict[s
 def finalize_store(store_url: str) -> dict[str, Any]:
     """Verify every shard against its record, write the report, set ``complete: true``."""
     report = latents.finalize(store_url)
+    converted = ", ".join(f"{kind} {e['count']}" for kind, e in report["conversions"].items())
     get_run_logger().info(
         f"store {store_url}: complete, {report['num_valid']}/{report['num_rows']} rows valid,"
-        f" {report['num_skipped']} skipped"
+        f" {report['num_skipped']} skipped" + (f"; images converted: {converted}" if converted else "")
     )
     return report

@@ -376,8 +376,9 @@ def publish_artifacts(record: dict[str, Any]) -> None:
 
 def _transient_io(task: Any, task_run: Any, state: Any) -> bool:
     """Retry I/O errors that may pass (network, object store); not files that are simply absent."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError)
+    from tasks.retry import retry_transient
+
+    return retry_transient(task, task_run, state)
 
 
 @task(

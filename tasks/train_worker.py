@@ -71,6 +71,25 @@ def deepspeed_config(train: TrainConfig, load_universal: bool = False) -> dict[s
     }
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training produced non-finite losses or gradients on more steps than allowed; nothing after the last
+    committed checkpoint is kept."""
+
+    def __init__(self, step: int, count: int, allowed: int, resume_step: int | None):
+        resume = f"step {resume_step}" if resume_step is not None else "step 0 (no checkpoint yet)"
+        super().__init__(
+            f"step {step}: the loss or gradient norm is NaN or infinite ({count} such step(s), more than"
+            f" train.max_nonfinite_steps={allowed}); training stopped before committing it. Likely causes:"
+            " corrupt latents (check the store with dumo verify-store), a learning rate too high (lower train.lr"
+            f" or set train.grad_clip), or bf16 overflow. The last committed checkpoint, {resume}, stays the"
+            " resume point"
+        )
+        self.step, self.count, self.allowed, self.resume_step = step, count, allowed, resume_step
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.step, self.count, self.allowed, self.resume_step))
+
+
 @dataclass(frozen=True)
 class RankEnv:
     rank: int
@@ -213,9 +232,18 @@ class Trainer:
         torch.distributed.barrier()
 
     # -- resume -------------------------------------------------------------------------------------------
-    def resume_point(self) -> tuple[int, str | None, bool]:
-        """(step, checkpoint URL or None, whether it needs DeepSpeed's universal format)."""
-        step = ckpts.latest(self.layout)
+    def resume_point(self, verify: bool = False) -> tuple[int, str | None, bool]:
+        """(step, checkpoint URL or None, whether it needs DeepSpeed's universal format). ``verify`` (a
+        collective): rank 0 checks every file's digest and passes over corrupt checkpoints to the newest
+        intact one; every rank takes its answer."""
+        if verify:
+            choice: list[int | None] = [None]
+            if self.is_main:
+                choice[0] = ckpts.latest_intact(self.layout, on_corrupt=self.passed_over)
+            torch.distributed.broadcast_object_list(choice, src=0)
+            step = choice[0]
+        else:
+            step = ckpts.latest(self.layout)
         if step is None:
             return 0, None, False
         url = self.layout.checkpoint(step)
@@ -223,6 +251,10 @@ class Trainer:
         self.model_cfg, saved_model = resume_config(self.cfg, self.model_cfg, saved_model)
         state = ckpts.read_marker(url).get("trainer", {})
         return step, url, check_resumable(state, self.t, asdict(self.model_cfg), saved_model, url)
+
+    def passed_over(self, step: int, problems: list[str]) -> None:
+        url = self.layout.checkpoint(step)
+        self.log(f"checkpoint step {step} at {url} is corrupt ({'; '.join(problems[:3])}): resuming from an older one")
 
     def fetch(self, url: str, universal: bool) -> str:
         """A local directory whose trainer/ holds the checkpoint's DeepSpeed state, ready to load."""
@@ -248,8 +280,8 @@ class Trainer:
         """DeepSpeed state to local staging, copied to trainer/; EMA, model.json, config.yaml; marker last."""
         url = self.layout.checkpoint(step)
         stage_dir = os.path.join(self.staging, "save")
-        if self.is_main:
-            ckpts.clear_uncommitted(url)  # a half-written one from a crash at this step
+        if self.is_main:  # a half-written one from a crash at this step, or a corrupt one passed over at resume
+            ckpts.clear(url)
         if self.env.local_rank == 0:
             shutil.rmtree(stage_dir, ignore_errors=True)
             os.makedirs(stage_dir)
@@ -257,15 +289,18 @@ class Trainer:
         state = trainer_state(self.t, step)
         self.engine.save_checkpoint(stage_dir, tag=TAG, client_state={"dumo": state}, save_latest=False)
         self.barrier()
+        digests = {}  # this node's DeepSpeed files, hashed before the upload; commit hashes other nodes' files
+        if self.is_main:
+            digests = ckpts.local_digests(os.path.join(stage_dir, TAG), prefix=f"{TAG}/")
         if self.env.local_rank == 0:  # each node uploads the partitions its ranks wrote
             fs.upload_dir(os.path.join(stage_dir, TAG), ckpts.trainer_state_url(url))
             shutil.rmtree(stage_dir, ignore_errors=True)
         self.barrier()
         if self.is_main:
-            ckpts.write_weights(url, self.ema.state_dict(), asdict(self.model_cfg), self.config_yaml)
+            digests |= ckpts.write_weights(url, self.ema.state_dict(), asdict(self.model_cfg), self.config_yaml)
             self.train_log.flush()
             plot_loss_curve(self.layout, self.train_log.records)
-            ckpts.commit(url, step, extra={"trainer": state})  # the marker, last
+            ckpts.commit(url, step, extra={"trainer": state}, digests=digests)  # the marker, last
             removed = ckpts.apply_retention(self.layout, self.t.keep_last, self.t.keep_every)
             self.log(f"checkpoint step {step} committed at {url}" + (f"; removed steps {removed}" if removed else ""))
             print(f"{CHECKPOINT_LINE} {json.dumps({'url': url, 'step': step})}", flush=True)
@@ -322,6 +357,7 @@ class Trainer:
         micro_x, micro_y = x.split(t.micro_batch), y.split(t.micro_batch)
         for m, (xm, ym) in enumerate(zip(micro_x, micro_y)):
             out = self.objective(engine, xm, ym, gen=step_generator(t.seed, step, self.env.rank, m, self.device))
+            self.terms = ("loss_v" in out, "loss_u" in out)  # the objective's terms; NaN fills the others
             engine.backward(out["loss"])
             if m == len(micro_x) - 1 and t.zero_stage == 0 and t.precision == "fp32":
                 # DeepSpeed computes no norm in this mode; gradients are all-reduced now and step() zeroes them
@@ -331,6 +367,28 @@ class Trainer:
             engine.step()
             sums += torch.stack([out["loss"].detach().float(), out.get("loss_v", nan), out.get("loss_u", nan)])
         return sums / len(micro_x), engine.get_global_grad_norm() if grad_norm is None else grad_norm
+
+    def nonfinite(self, losses: torch.Tensor, grad_norm: Any) -> torch.Tensor:
+        """1.0 when this step's loss or gradient norm is NaN or infinite, else 0.0 (on the device: no sync)."""
+        bad = ~torch.isfinite(losses[0])
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32, device=self.device))
+        return bad.float()
+
+    def check_finite(self, steps: list[int], flags: list[float]) -> None:
+        """Stop (on every rank alike: ``flags`` are all-reduced) once more steps than
+        train.max_nonfinite_steps had a non-finite loss or gradient, before anything is committed."""
+        bad = [s for s, f in zip(steps, flags) if f > 0]
+        if not bad:
+            return
+        self.nonfinite_steps += bad
+        if self.is_main:
+            self.log(f"step {bad[0]}: non-finite loss or gradient norm ({len(bad)} step(s) in this window)")
+        if len(self.nonfinite_steps) > self.t.max_nonfinite_steps:
+            if self.is_main:
+                self.train_log.flush()
+            count, resume = len(self.nonfinite_steps), ckpts.latest(self.layout)
+            raise NonFiniteLossError(self.nonfinite_steps[0], count, self.t.max_nonfinite_steps, resume)
 
     def run(self) -> None:
         t, env = self.t, self.env
@@ -344,6 +402,7 @@ class Trainer:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if t.device == "cpu" else "nccl")
+        start, start_url, universal = self.resume_point(verify=True)
         self.build(start_url, universal)
         if self.ema is not None:
             self.ema.num_updates = start  # one EMA update per optimizer step: the warm-up goes on exactly
@@ -364,6 +423,7 @@ class Trainer:
         batch = lambda s: self.ds.global_batch(s, t.batch_size_global, env.rank, env.world_size)
         future = pool.submit(batch, start)
         pending: list[tuple] = []
+        self.nonfinite_steps: list[int] = []
         t_start = t_window = time.perf_counter()
         last: dict[str, Any] = {}
         for step in range(start, t.num_steps):
@@ -374,19 +434,24 @@ class Trainer:
             losses, grad_norm = self.train_step(step, x.to(self.device), y.to(self.device))
             self.update_ema()
             done = step + 1
-            pending.append((done, losses, grad_norm, lr))
+            pending.append((done, losses, grad_norm, lr, self.nonfinite(losses, grad_norm)))
             if self.bar is not None:
                 self.bar.update(1)
             checkpoint = done % t.checkpoint_every == 0 or done == t.num_steps
             if done % t.log_every == 0 or checkpoint:  # one all-reduce per window: losses averaged over ranks
-                window = torch.stack([p[1] for p in pending])  # (steps, 3)
+                window = torch.stack([torch.cat([p[1], p[4][None]]) for p in pending])  # (steps, 3 + flag)
                 torch.distributed.all_reduce(window)
-                means = (window / env.world_size).tolist()
+                means = (window[:, :3] / env.world_size).tolist()
                 now = time.perf_counter()
                 if self.is_main:
-                    rows = [(s, m, gn, rate) for (s, _, gn, rate), m in zip(pending, means)]
+                    terms = (True, *self.terms)
+                    rows = [
+                        (s, [v if has else None for v, has in zip(m, terms)], gn, rate)
+                        for (s, _, gn, rate, _), m in zip(pending, means)
+                    ]
                     last = self.train_log.add(rows, t.batch_size_global * len(pending) / (now - t_window), t.world_size)
                     self.log(self.format(last))
+                self.check_finite([p[0] for p in pending], window[:, 3].tolist())
                 pending, t_window = [], now
             if checkpoint:
                 self.save(done)

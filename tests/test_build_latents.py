@@ -274,6 +274,6 @@ def test_retries_are_for_io_errors_only() -> None:
     from storage.images import BadImageError
     from tasks.encode import _retry_on_io_error
 
-    assert _retry_on_io_error(None, None, Failed(data=OSError("connection reset by peer")))
+    assert _retry_on_io_error(None, None, Failed(data=ConnectionResetError(104, "connection reset by peer")))
     assert not _retry_on_io_error(None, None, Failed(data=BadImageError("a/b.JPEG", "corrupt")))
     assert not _retry_on_io_error(None, None, Failed(data=ValueError("a bug")))

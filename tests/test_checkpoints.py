@@ -62,15 +62,42 @@ def test_commit_records_files_and_digest(kind, tmp_path):
     assert ckpts.read_config_yaml(url) == "name: r\n"
 
 
+def _flip(url: str, offset: int = -1) -> None:
+    raw = bytearray(fs.read_bytes(url))
+    raw[offset] ^= 0xFF
+    fs.write_bytes(url, bytes(raw))
+
+
 def test_tampered_weights_fail_the_digest_check(tmp_path):
     run = _layout("local", tmp_path)
     url = _write(run, 4)
-    path = fs.join(url, ckpts.EMA_FILE)
-    raw = bytearray(fs.read_bytes(path))
-    raw[-1] ^= 0xFF  # one flipped bit in the tensor data
-    fs.write_bytes(path, bytes(raw))
-    with pytest.raises(OSError, match="does not match the digest"):
+    _flip(fs.join(url, ckpts.EMA_FILE))  # one flipped byte in the tensor data
+    with pytest.raises(ckpts.CheckpointCorruptError, match="ema.safetensors has sha256") as info:
         ckpts.load_weights(url)
+    assert not isinstance(info.value, OSError)  # not an I/O error: no retry spins on it
+    assert "delete it" in str(info.value) and url in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_every_file_has_a_digest_and_a_flip_in_any_of_them_falls_back_to_the_previous_checkpoint(kind, tmp_path):
+    run = _layout(kind, tmp_path)
+    _write(run, 2)
+    url = _write(run, 4)
+    marker = ckpts.read_marker(url)
+    assert sorted(marker["sha256"]) == marker["files"]  # every file, whatever the trainer wrote
+    assert ckpts.verify(url) == [] and ckpts.latest_intact(run) == 4
+    for name in marker["files"]:
+        original = fs.read_bytes(fs.join(url, name))
+        _flip(fs.join(url, name), offset=len(original) // 2)
+        assert [p.split(" ")[0] for p in ckpts.verify(url)] == [name]
+        passed_over: list[int] = []
+        assert ckpts.latest_intact(run, on_corrupt=lambda step, _, seen=passed_over: seen.append(step)) == 2
+        assert passed_over == [4] and ckpts.latest(run) == 4  # still committed: named, not hidden
+        fs.write_bytes(fs.join(url, name), original)
+    fs.remove(fs.join(ckpts.trainer_state_url(url), "mp_rank_00_model_states.pt"))
+    assert ckpts.verify(url) == ["trainer/mp_rank_00_model_states.pt is missing"]
+    ckpts.clear(url)  # what the trainer does before writing step 4 again
+    assert not fs.exists(url) and ckpts.latest_intact(run) == 2
 
 
 def test_retention_keeps_the_last_k_and_every_mth():

@@ -15,7 +15,7 @@ NAN = math.nan
 
 
 def rows(*steps: int) -> list:
-    return [(s, [1.0 / s, 0.5 / s, NAN], 2.0, 1e-3) for s in steps]
+    return [(s, [1.0 / s, 0.5 / s, None], 2.0, 1e-3) for s in steps]
 
 
 @pytest.mark.parametrize("scheme", ["local", "memory"])
@@ -43,3 +43,16 @@ def test_a_half_written_last_line_is_ignored_and_a_redone_step_keeps_its_later_r
     lines = [json.dumps({"step": 1, "loss": 2.0}), json.dumps({"step": 1, "loss": 1.0}), '{"step": 2, "lo']
     fs.write_text(run.train_log, "\n".join(lines))
     assert read_train_log(run) == [{"step": 1, "loss": 1.0}]
+
+
+def test_nan_and_inf_are_recorded_distinctly_from_no_such_term_as_strict_json(tmp_path):
+    run = Root(str(tmp_path)).run("r")
+    log = TrainLog(run, keep_until=0)
+    log.add([(1, [NAN, math.inf, None], -math.inf, 1e-3), (2, [1.0, 0.5, None], NAN, 1e-3)], 10.0, 1)
+    lines = fs.read_text(run.train_log).splitlines()
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) for line in lines]
+    assert strict[0]["loss"] == "NaN" and strict[0]["loss_v"] == "Infinity" and strict[0]["loss_u"] is None
+    assert strict[0]["grad_norm"] == "-Infinity" and strict[1]["grad_norm"] == "NaN"
+    first, second = read_train_log(run)
+    assert math.isnan(first["loss"]) and first["loss_v"] == math.inf and first["loss_u"] is None
+    assert first["grad_norm"] == -math.inf and second["loss"] == 1.0 and math.isnan(second["grad_norm"])
