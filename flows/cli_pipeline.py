@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _offline_defaults() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # Prefect's start-up settings are flows.cli_setup's, for every command; the pipeline presets' autoencoder
+    # is found offline (a hub lookup without a network wastes ~23 s before failing)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -54,8 +54,10 @@ def _pipeline(config: str, overrides: list[str]) -> dict:
     from tasks.config import load_config
 
     load_config(config, overrides)  # a bad config fails here, before Prefect starts
+    from flows.cli_errors import quiet_prefect_tracebacks
     from flows.pipeline import full_pipeline
 
+    quiet_prefect_tracebacks()
     return full_pipeline(config=config, overrides=overrides)
 
 
@@ -78,8 +80,10 @@ def compare(args: argparse.Namespace) -> int:
     from tasks.config import load_config
 
     load_config(args.config, args.overrides)
+    from flows.cli_errors import quiet_prefect_tracebacks
     from flows.compare import compare_objectives
 
+    quiet_prefect_tracebacks()
     written = compare_objectives(config=args.config, overrides=args.overrides)
     print("\n" + written["table"])
     print(f"comparison: {written['dir']} (table.md, results.json, plot.png)")

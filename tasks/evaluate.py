@@ -35,6 +35,7 @@ from storage.layout import Root, run_of_checkpoint
 from tasks import eval_metrics
 from tasks.config import EvalConfig, PipelineConfig, config_from_yaml_text
 from tasks.modeling import model_from_dict
+from tasks.progress import Progress, run_logger
 
 log = logging.getLogger("dumo.evaluate")
 
@@ -46,12 +47,7 @@ SAMPLING_STATS = {"images": 0, "evaluations": 0}
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     """The Prefect run logger inside a flow or task run (so lines reach the UI), else plain logging."""
-    try:
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # no run context
-        return log
+    return run_logger(log.name)
 
 
 # -- protocol -----------------------------------------------------------------------------------------
@@ -66,9 +62,26 @@ def protocol_hash(cfg: EvalConfig) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
+def check_checkpoint(checkpoint_url: str, step: int | None = None) -> tuple[str, int]:
+    """(run, step) of a committed checkpoint. Anything else fails here, with the same words whether the
+    evaluation runs as a flow or not: a URL outside the run layout, a step that does not match, a directory
+    without the commit marker (absent, half-written, or not a checkpoint at all)."""
+    run, url_step = checkpoint_step(checkpoint_url, step)
+    if not checkpoints.is_committed(checkpoint_url):
+        layout = run_of_checkpoint(checkpoint_url)[0].run(run)
+        steps = checkpoints.committed_steps(layout)
+        raise FileNotFoundError(
+            f"{checkpoint_url} is not a committed checkpoint (no {checkpoints.MARKER} marker); committed steps"
+            f" of run {run}: {steps or 'none'}" + (f", e.g. {layout.checkpoint(steps[-1])}" if steps else "")
+        )
+    return run, url_step
+
+
 def resolve_protocol(checkpoint_url: str, eval_cfg: EvalConfig | None = None, **overrides: Any) -> EvalConfig:
     """The protocol for a checkpoint: ``eval_cfg``, else the ``eval`` section of the run config saved in the
     checkpoint, with the non-None ``overrides`` (EvalConfig fields) applied and validated."""
+    if eval_cfg is None:
+        check_checkpoint(checkpoint_url)
     base = eval_cfg or config_from_yaml_text(checkpoints.read_config_yaml(checkpoint_url)).eval
     changes = {k: v for k, v in overrides.items() if v is not None}
     return EvalConfig.model_validate({**base.model_dump(), **changes}) if changes else base
@@ -113,6 +126,7 @@ def evaluate_checkpoint(checkpoint_url: str, eval_cfg: EvalConfig | None = None,
     record (the contents of metrics.json). A checkpoint already evaluated under the same protocol returns
     its record without sampling anything."""
     url = fs.normalize(checkpoint_url)
+    check_checkpoint(url)
     root, run, step = run_of_checkpoint(url)
     cfg_yaml = checkpoints.read_config_yaml(url)
     eval_cfg = eval_cfg or config_from_yaml_text(cfg_yaml).eval
@@ -200,6 +214,10 @@ def _evaluate(
     device: torch.device,
 ) -> dict[str, Any]:
     logger = _logger()
+    logger.info(
+        f"evaluating {run} step {step} under protocol {eval_cfg.protocol}"
+        f" ({eval_cfg.num_samples} samples x {len(eval_cfg.samplers)} samplers) on {device}"
+    )
     t_start = time.perf_counter()
     model = _load_model(url, device)
     store_url = root.latent_store(cfg.data.store_name)
@@ -305,6 +323,7 @@ def _sample_and_score(
     block: np.ndarray | None = None
     feats, class_logits, is_logits, nn_images = [], [], [], []
     writer: metrics.SamplesWriter | None = None
+    progress = Progress(f"sampling {sampler_cfg.label}", len(labels), "image", _logger())
     try:
         for lo in range(0, len(labels), eval_cfg.batch_size):
             y = torch.from_numpy(labels[lo : lo + eval_cfg.batch_size]).to(device)
@@ -327,6 +346,8 @@ def _sample_and_score(
             is_logits.append(il)
             nn_images.append(images[: max(0, eval_metrics.NN_MAX_QUERIES - lo)])
             SAMPLING_STATS["images"] += len(y)
+            progress.update(len(y))
+        progress.close()
         assert writer is not None and block is not None
         sha = writer.close()
     except BaseException:
