@@ -35,8 +35,12 @@ from storage import fs, latents, metrics
 from storage.autoencoders import file_digest
 from storage.images import list_images, load_images
 from storage.layout import Root
+from tasks.progress import Progress, run_logger
 
-log = logging.getLogger(__name__)
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    return run_logger(__name__)  # the run's logger inside Prefect (lines reach the UI), else plain logging
+
 
 MAX_REAL_IMAGES = 20_000  # real images kept as reference, evenly spread over the sorted (class-major) rows
 REAL_IMAGES_BUDGET_BYTES = 1 << 30  # ...and at most this many bytes of them (5,461 images at 256 px RGB)
@@ -88,16 +92,18 @@ def _load_from_tree(tree_url: str, rows: np.ndarray, attrs: dict[str, Any]) -> n
     except FileNotFoundError:
         return None
     if source.fingerprint != attrs["dataset_fingerprint"]:
-        log.warning("image tree %s is not the store's dataset (fingerprint differs); not using it", tree_url)
+        _log().warning("image tree %s is not the store's dataset (fingerprint differs); not using it", tree_url)
         return None
     files = [source.files[i] for i in rows]
     res, ch = int(attrs["resolution"]), int(attrs["image_channels"])
     out = np.empty((len(rows), ch, res, res), np.uint8)
-    for lo in range(0, len(files), 512):
-        for j, img in enumerate(load_images(tree_url, files[lo : lo + 512], res, ch)):
-            if isinstance(img, Exception):
-                raise img  # the store skipped bad rows already; a file that went bad since is an error
-            out[lo + j] = to_uint8(torch.from_numpy(img)).numpy()
+    with Progress(f"real images from {tree_url}", len(files), "image", _log()) as progress:
+        for lo in range(0, len(files), 512):
+            for j, img in enumerate(load_images(tree_url, files[lo : lo + 512], res, ch)):
+                if isinstance(img, Exception):
+                    raise img  # the store skipped bad rows already; a file that went bad since is an error
+                out[lo + j] = to_uint8(torch.from_numpy(img)).numpy()
+            progress.update(len(files[lo : lo + 512]))
     return out
 
 
@@ -126,6 +132,7 @@ def load_real_images(root: Root, store_url: str, tree_urls: list[str]) -> RealIm
             labels = np.asarray(group["label"][:], dtype=np.int64)
             valid = np.flatnonzero(labels >= 0)  # rows the store skipped as bad files carry -1
             rows = valid[np.linspace(0, len(valid) - 1, min(cap, len(valid))).round().astype(int)]
+            _log().info(f"real images: reading {len(rows)} of the store's dataset once (cached in {url})")
             images, source = None, ""
             for tree in tree_urls:
                 images = _load_from_tree(tree, rows, attrs)
@@ -146,7 +153,7 @@ def load_real_images(root: Root, store_url: str, tree_urls: list[str]) -> RealIm
             split = {"holdout_index": order[: len(rows) // 2], "reference_index": np.sort(order[len(rows) // 2 :])}
             meta = {**identity, "source": source, "num_images": len(rows), "num_holdout": len(rows) // 2}
             metrics.write_npz(url, {"images": images, "labels": labels[rows], **split}, meta)
-            log.info("real images: %d of %d rows from %s -> %s", len(rows), len(valid), source, url)
+            _log().info("real images: %d of %d rows from %s -> %s", len(rows), len(valid), source, url)
             cached = metrics.read_npz(url)
     assert cached is not None
     arrays, meta, _ = cached
@@ -313,7 +320,11 @@ def _build_bundle(
         _, ch, res, _ = real.images.shape
         cfg = ClassifierConfig(in_channels=ch, resolution=res, num_classes=num_classes)
         x = torch.from_numpy(ref_images).to(device).float() / 127.5 - 1
-        model = train_classifier(x, torch.from_numpy(ref_labels).to(device), cfg, seed=SPLIT_SEED)
+        _log().info(f"feature classifier: training on {len(x)} real images, once per dataset (cached in {url})")
+        with Progress("feature classifier training", 0, "step", _log()) as progress:
+            model = train_classifier(
+                x, torch.from_numpy(ref_labels).to(device), cfg, seed=SPLIT_SEED, on_step=progress.step_of
+            )
         arrays.update({f"classifier/{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()})
         meta.update(classifier_config=cfg.to_dict(), classifier_recipe_version=RECIPE_VERSION)
         extractor = ClassifierExtractor(model, device)
@@ -329,9 +340,9 @@ def _build_bundle(
         arrays["holdout_logits"] = holdout_logits
         acc = float((holdout_logits.argmax(1) == real.labels[real.holdout_index]).mean())
         meta["classifier_holdout_accuracy"] = acc
-        log.info("classifier: held-out accuracy %.4f on %d real images", acc, len(holdout_logits))
+        _log().info("classifier: held-out accuracy %.4f on %d real images", acc, len(holdout_logits))
     metrics.write_npz(url, arrays, meta)
-    log.info(
+    _log().info(
         "reference %s: %d reference + %d held-out images, %d-d features",
         url,
         len(ref_features),
