@@ -73,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     from flows.cli_setup import plain_logging, use_prefect
-    from tasks.evaluate import evaluate_checkpoint, resolve_protocol
+    from tasks.evaluate import check_protocol, evaluate_checkpoint, resolve_protocol
 
     # The checkpoint and the protocol are checked before Prefect starts: one error, with or without a flow
     eval_cfg = resolve_protocol(args.checkpoint_url, **overrides)
+    check_protocol(eval_cfg)
     if not use_prefect(args.prefect):
         plain_logging()
         record = evaluate_checkpoint(args.checkpoint_url, eval_cfg)

@@ -5,6 +5,9 @@
         model.json        the DiTConfig of the network, so a checkpoint rebuilds its own model
         config.yaml       the resolved pipeline config of the run
         trainer/          DeepSpeed state for an exact resume (written by the trainer)
+        latest            "trainer": DeepSpeed's pointer to the tag, so its stock tools (zero_to_fp32, ...)
+                          need no --tag
+        ds_config.json    the DeepSpeed config the run generated from its typed config
         COMMITTED         JSON {step, ema_sha256, files}; written last: no marker, no checkpoint
 
 A crash mid-write leaves a directory without COMMITTED, which ``committed_steps`` never lists and the
@@ -29,6 +32,8 @@ EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.json"
 CONFIG_FILE = "config.yaml"
 TRAINER_DIR = "trainer"
+DEEPSPEED_LATEST = "latest"
+DS_CONFIG_FILE = "ds_config.json"
 
 
 def is_committed(ckpt_url: str) -> bool:
@@ -62,6 +67,13 @@ def write_weights(ckpt_url: str, ema_state: dict, model_config: dict[str, Any], 
     fs.write_bytes(fs.join(ckpt_url, EMA_FILE), st_save(tensors))
     fs.write_text(fs.join(ckpt_url, MODEL_FILE), json.dumps(model_config, indent=1, sort_keys=True))
     fs.write_text(fs.join(ckpt_url, CONFIG_FILE), config_yaml)
+
+
+def write_deepspeed_files(ckpt_url: str, ds_config: dict[str, Any]) -> None:
+    """The files DeepSpeed's own tools look for beside its tag directory: ``latest`` (naming the tag) and the
+    generated config, so ``python -m deepspeed.utils.zero_to_fp32 <checkpoint> <out>`` works as is."""
+    fs.write_text(fs.join(ckpt_url, DEEPSPEED_LATEST), TRAINER_DIR)
+    fs.write_text(fs.join(ckpt_url, DS_CONFIG_FILE), json.dumps(ds_config, indent=1, sort_keys=True) + "\n")
 
 
 def commit(ckpt_url: str, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:

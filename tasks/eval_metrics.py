@@ -238,6 +238,38 @@ def extract(extractor: Extractor, images: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 # -- reference ----------------------------------------------------------------------------------------
+INCEPTION_FEATURE_DIM = 2048
+
+
+def feature_width(feature_extractor: str) -> int:
+    """The width of the features FID is computed on: the classifier's penultimate layer, or Inception's pool."""
+    if feature_extractor == "inception-v3-compat":
+        return INCEPTION_FEATURE_DIM
+    return ClassifierConfig.__dataclass_fields__["feature_dim"].default
+
+
+def read_reference_npz(path: str, width: int, feature_extractor: str) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(mu, sigma, file bytes) of ADM-style reference statistics, checked against the features they will be
+    compared with: a width that differs would otherwise fail deep in a matrix product."""
+    if not fs.exists(path):
+        raise FileNotFoundError(f"reference statistics {path} (--reference-npz / eval.reference_npz) do not exist")
+    data = fs.read_bytes(path)
+    try:
+        with np.load(io.BytesIO(data)) as z:
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    except (KeyError, ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not an npz with arrays mu and sigma (ADM reference statistics): {exc}") from exc
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or len(mu) != width:
+        raise ValueError(
+            f"{path} holds statistics of {mu.shape[-1] if mu.ndim else '?'}-d features (mu {mu.shape}, sigma"
+            f" {sigma.shape}) but the {feature_extractor} feature extractor gives {width}-d features: use"
+            f" statistics made with the same extractor (ADM's VIRTUAL_imagenet256_labeled.npz is"
+            f" inception-v3-compat, {INCEPTION_FEATURE_DIM}-d), or drop --reference-npz to compute them from"
+            " the dataset's images"
+        )
+    return mu, sigma, data
+
+
 def prepare(
     root: Root,
     real: RealImages | None,
@@ -287,9 +319,10 @@ def prepare(
             meta,
         )
     if reference_npz:
-        data = fs.read_bytes(reference_npz)
-        with np.load(io.BytesIO(data)) as z:
-            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+        width = feature_width(feature_extractor)
+        if reference is not None and reference.ref_features is not None:
+            width = reference.ref_features.shape[1]  # the extractor's actual width
+        mu, sigma, data = read_reference_npz(reference_npz, width, feature_extractor)
         held = reference or Reference(mu, sigma, None, None, None, None, None, "", "", {})
         reference = Reference(
             mu,

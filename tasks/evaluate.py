@@ -87,6 +87,13 @@ def resolve_protocol(checkpoint_url: str, eval_cfg: EvalConfig | None = None, **
     return EvalConfig.model_validate({**base.model_dump(), **changes}) if changes else base
 
 
+def check_protocol(eval_cfg: EvalConfig) -> None:
+    """What can be checked of a protocol before any work: a reference npz exists and fits the extractor."""
+    if eval_cfg.reference_npz:
+        width = eval_metrics.feature_width(eval_cfg.feature_extractor)
+        eval_metrics.read_reference_npz(eval_cfg.reference_npz, width, eval_cfg.feature_extractor)
+
+
 def checkpoint_step(checkpoint_url: str, step: int | None = None) -> tuple[str, int]:
     """(run, step) of a checkpoint URL; ``step``, when given (an event payload carries it), must match."""
     _, run, url_step = run_of_checkpoint(checkpoint_url)
@@ -125,11 +132,12 @@ def evaluate_checkpoint(checkpoint_url: str, eval_cfg: EvalConfig | None = None,
     """Evaluate a committed checkpoint under a protocol (default: its run's ``eval`` section) and return the
     record (the contents of metrics.json). A checkpoint already evaluated under the same protocol returns
     its record without sampling anything."""
+    check_checkpoint(checkpoint_url)  # in the user's spelling of the URL, as the flow reports it
     url = fs.normalize(checkpoint_url)
-    check_checkpoint(url)
     root, run, step = run_of_checkpoint(url)
     cfg_yaml = checkpoints.read_config_yaml(url)
     eval_cfg = eval_cfg or config_from_yaml_text(cfg_yaml).eval
+    check_protocol(eval_cfg)
     digest, phash = checkpoints.digest(url), protocol_hash(eval_cfg)
     eval_dir = root.run(run).eval_dir(step, eval_cfg.protocol)
     record = metrics.cached_record(eval_dir, digest, phash)

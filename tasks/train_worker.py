@@ -274,6 +274,7 @@ class Trainer:
         self.barrier()
         if self.is_main:
             ckpts.write_weights(url, self.ema.state_dict(), asdict(self.model_cfg), self.config_yaml)
+            ckpts.write_deepspeed_files(url, deepspeed_config(self.t))  # stock zero_to_fp32 needs no --tag
             self.train_log.flush()
             plot_loss_curve(self.layout, self.train_log.records)
             ckpts.commit(url, step, extra={"trainer": state})  # the marker, last

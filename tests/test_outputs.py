@@ -1,0 +1,100 @@
+"""Outputs others can use without knowing the project: the latent store opens in xarray, a checkpoint
+consolidates with DeepSpeed's stock zero_to_fp32 (no --tag), a reference npz of the wrong width is refused in
+words, and evaluation gives the same error for a path that is not a checkpoint with or without Prefect."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from storage import checkpoints as ckpts
+from storage import fs
+from storage.layout import Root
+from tasks import eval_metrics
+from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
+from tests.test_train import STORE, build_tiny_store, config
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("outputs-root"))
+    build_tiny_store(root)
+    return root
+
+
+def test_xarray_opens_the_latent_store(tiny_root: str) -> None:
+    import xarray as xr
+
+    path = fs.local_path(Root(tiny_root).latent_store(STORE))
+    ds = xr.open_zarr(path, consolidated=True)  # consolidated metadata present: one read lists every array
+    assert ds["mean"].dims == ("sample", "flip", "channel", "y", "x")
+    assert ds["std"].dims == ds["mean"].dims
+    assert ds["label"].dims == ("sample",) and ds["source"].dims == ("sample",)
+    assert ds["shard_records"].dims == ("shard",)
+    assert dict(ds.sizes) == {"sample": 128, "flip": 2, "channel": 1, "y": 8, "x": 8, "shard": 2}
+    group = zarr.open_group(path, mode="r")
+    np.testing.assert_array_equal(ds["label"].values, group["label"][:])
+    np.testing.assert_array_equal(ds["mean"][5:9].values, group["mean"][5:9])
+    assert ds.attrs["complete"] is True
+
+
+def test_a_reference_npz_of_another_width_is_refused_in_words(tmp_path: Path) -> None:
+    npz = str(tmp_path / "ref-64.npz")
+    np.savez(npz, mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match=r"holds statistics of 64-d features .* gives 128-d features"):
+        eval_metrics.read_reference_npz(npz, eval_metrics.feature_width("classifier"), "classifier")
+    with pytest.raises(ValueError, match="gives 2048-d features"):
+        eval_metrics.read_reference_npz(npz, eval_metrics.feature_width("inception-v3-compat"), "inception-v3-compat")
+    np.savez(str(tmp_path / "other.npz"), mean=np.zeros(3))
+    with pytest.raises(ValueError, match="not an npz with arrays mu and sigma"):
+        eval_metrics.read_reference_npz(str(tmp_path / "other.npz"), 128, "classifier")
+    mu, sigma, _ = eval_metrics.read_reference_npz(npz, 64, "classifier")
+    assert mu.shape == (64,) and sigma.shape == (64, 64)
+
+
+def test_evaluate_gives_one_error_for_a_non_checkpoint_with_and_without_prefect(
+    prefect_harness,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    from flows.evaluate import evaluate_checkpoint_flow
+    from tasks.evaluate import evaluate_checkpoint
+
+    for bad in (str(tmp_path / "runs" / "r" / "checkpoints" / "step-0000010"), str(tmp_path)):
+        with pytest.raises((FileNotFoundError, ValueError)) as plain:
+            evaluate_checkpoint(bad)
+        with pytest.raises(type(plain.value)) as flow:
+            evaluate_checkpoint_flow(checkpoint_url=bad)
+        assert str(flow.value) == str(plain.value)
+        assert "not a committed checkpoint" in str(plain.value) or "not a checkpoint URL" in str(plain.value)
+
+
+@pytest.mark.slow
+def test_stock_zero_to_fp32_consolidates_a_checkpoint_without_tag(tiny_root: str, tmp_path: Path, monkeypatch) -> None:
+    from tasks.train import train_run
+    from tasks.train_worker import deepspeed_config
+
+    monkeypatch.setenv("DUMO_STAGING_DIR", str(tmp_path / "staging"))
+    cfg = config(tiny_root, "z2-stock", "train.num_steps=2", "train.checkpoint_every=2", "train.ema_decay=0")
+    url = train_run(cfg)["checkpoint_url"]  # ZeRO-2, one rank; EMA decay 0: the EMA is the weights
+    ckpt_dir = fs.local_path(url)
+    assert Path(ckpt_dir, "latest").read_text() == ckpts.TRAINER_DIR
+    files = ckpts.read_marker(url)["files"]
+    assert {"latest", "ds_config.json"} <= set(files)  # listed in the marker like every other file
+    assert fs.read_text(fs.join(url, "ds_config.json")).strip().startswith("{")
+    assert json.loads(fs.read_text(fs.join(url, "ds_config.json"))) == deepspeed_config(cfg.train)
+    out = tmp_path / "fp32"
+    cmd = [sys.executable, "-m", "deepspeed.utils.zero_to_fp32", ckpt_dir, str(out)]  # no --tag
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    _, ema = ckpts.load_weights(url)
+    assert set(ema) <= set(state)
+    for k in ema:
+        torch.testing.assert_close(state[k].float(), ema[k], rtol=0, atol=0)
