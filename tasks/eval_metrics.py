@@ -426,15 +426,16 @@ def nearest_l2(
     queries: np.ndarray, keys: np.ndarray, self_index: np.ndarray | None = None, device: torch.device | None = None
 ) -> np.ndarray:
     """For each query image, the L2 distance ([0, 1] pixel units) to the nearest key image; ``self_index``
-    excludes each query's own row of ``keys`` (leave-one-out). The search runs in float32 matmuls; the
-    distance to the neighbour found is then recomputed exactly, so a copy measures 0, not rounding noise."""
+    excludes each query's own row of ``keys`` (leave-one-out). The search runs in float32 ``torch.cdist``
+    (matrix products for sets this size); the distance to the neighbour found is then recomputed exactly in
+    float64, so a copy measures 0, not rounding noise."""
     dev = device or torch.device("cpu")
     q = torch.from_numpy(queries.reshape(len(queries), -1)).to(dev).float() / 255
     best = torch.full((len(q),), float("inf"), device=dev)
     best_index = torch.zeros(len(q), dtype=torch.long, device=dev)
     for lo in range(0, len(keys), 1024):
         k = torch.from_numpy(keys[lo : lo + 1024].reshape(min(1024, len(keys) - lo), -1)).to(dev).float() / 255
-        d2 = (q * q).sum(1, keepdim=True) + (k * k).sum(1)[None] - 2 * q @ k.T  # (n, b)
+        d2 = torch.cdist(q, k).square()  # (n, b); a matmul inside, so rounding noise: recomputed below
         if self_index is not None:
             own = torch.from_numpy(self_index).to(dev) - lo
             hit = (own >= 0) & (own < len(k))

@@ -268,7 +268,8 @@ def _evaluate(
             f" {_num(result, 'spread_ratio')}, NN L2 {_num(result, 'nn_l2_train')}"
             f" (real {_num(baseline, 'nn_l2_train')})"
         )
-    grid = metrics.grid_png(blocks)
+    titles = [f"{s.label} ({s.name})" for s in eval_cfg.samplers]
+    grid = metrics.grid_png(blocks, titles, [str(c) for c in attrs["class_names"][:GRID_CLASSES]])
     fs.write_bytes(fs.join(eval_dir, metrics.GRID_FILE), grid)
     files[metrics.GRID_FILE] = metrics.sha256_bytes(grid)
     record = {

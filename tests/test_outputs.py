@@ -4,6 +4,7 @@ words, and evaluation gives the same error for a path that is not a checkpoint w
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -59,10 +60,8 @@ def test_a_reference_npz_of_another_width_is_refused_in_words(tmp_path: Path) ->
     assert mu.shape == (64,) and sigma.shape == (64, 64)
 
 
-def test_evaluate_gives_one_error_for_a_non_checkpoint_with_and_without_prefect(
-    prefect_harness,
-    tmp_path: Path,  # noqa: F811
-) -> None:
+@pytest.mark.usefixtures("prefect_harness")
+def test_evaluate_gives_one_error_for_a_non_checkpoint_with_and_without_prefect(tmp_path: Path) -> None:
     from flows.evaluate import evaluate_checkpoint_flow
     from tasks.evaluate import evaluate_checkpoint
 
@@ -98,3 +97,39 @@ def test_stock_zero_to_fp32_consolidates_a_checkpoint_without_tag(tiny_root: str
     assert set(ema) <= set(state)
     for k in ema:
         torch.testing.assert_close(state[k].float(), ema[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("remote", ["memory://dir-copy/ckpt/trainer", "local"])
+def test_directory_copy_round_trips_and_repeats_in_place(remote: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "x.pt").write_bytes(b"x" * 10)
+    (src / "a" / "b" / "y.pt").write_bytes(b"y")
+    url = str(tmp_path / "remote" / "trainer") if remote == "local" else remote
+    for _ in range(2):  # a second upload lands in the same place, not in a nested copy
+        fs.upload_dir(str(src), url)
+        fsys, path = fs.filesystem(url)
+        assert sorted(p[len(path.rstrip("/")) + 1 :] for p in fsys.find(path)) == ["a/b/y.pt", "x.pt"]
+    out = tmp_path / "out" / "trainer"
+    fs.download_dir(url, str(out))
+    assert (out / "x.pt").read_bytes() == b"x" * 10 and (out / "a" / "b" / "y.pt").read_bytes() == b"y"
+
+
+def test_grid_places_every_sample_and_labels_samplers_and_classes() -> None:
+    from PIL import Image
+
+    from storage.metrics import grid_png
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(0, 255, (10, 8, 8, 8, 3), dtype=np.uint8) for _ in range(2)]
+    plain = np.asarray(Image.open(io.BytesIO(grid_png(blocks))))
+    labelled = np.asarray(Image.open(io.BytesIO(grid_png(blocks, ["1-step", "2-step"], list("0123456789")))))
+    cell, gap = 32, 4  # 8 px enlarged 4x to reach 32 px; make_grid's padding
+    grid_w = gap + 8 * (cell + gap)
+    for canvas, top, left in ((plain, 0, 0), (labelled, 14, 8 + 7)):
+        assert canvas.shape == (top + gap + 10 * (cell + gap), left + 2 * grid_w + 16, 3)
+        for b, (r, c) in [(0, (0, 0)), (0, (9, 7)), (1, (3, 5))]:
+            y, x = top + gap + r * (cell + gap), left + b * (grid_w + 16) + gap + c * (cell + gap)
+            expected = blocks[b][r, c].repeat(4, axis=0).repeat(4, axis=1)
+            np.testing.assert_array_equal(canvas[y : y + cell, x : x + cell], expected)
+    assert (labelled[:14, 8 + 7 :] > 200).any() and (labelled[14:, :15] > 200).any()  # titles, class names (white)
