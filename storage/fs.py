@@ -83,6 +83,11 @@ def local_path(url: str) -> str:
     return path
 
 
+def display(url: str) -> str:
+    """A URL as a person would type it: the plain path of a local file, any other URL as it is."""
+    return local_path(url) if is_local(url) else str(url)
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)

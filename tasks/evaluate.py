@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import asdict
@@ -32,7 +31,7 @@ from dumo_model.samplers import sample
 from storage import checkpoints, fs, latents, metrics
 from storage.autoencoders import AutoencoderSpec, describe, get_autoencoder
 from storage.layout import Root, run_of_checkpoint
-from tasks import eval_metrics
+from tasks import artifacts, eval_metrics
 from tasks.config import EvalConfig, PipelineConfig, config_from_yaml_text
 from tasks.modeling import model_from_dict
 from tasks.progress import Progress, run_logger
@@ -391,17 +390,22 @@ def _version(dist: str) -> str | None:
 
 # -- Prefect ------------------------------------------------------------------------------------------
 def publish_artifacts(record: dict[str, Any]) -> None:
-    """The results table and the grid as artifacts of the current flow run; nothing outside a run."""
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
+    """The results table and the labelled sample grid as artifacts of the current flow run, both shown in the
+    UI (the grid embedded in a markdown artifact: see tasks.artifacts); nothing outside a run."""
+    from prefect.artifacts import create_markdown_artifact
 
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+    if not artifacts.in_run():
         return
-    key = re.sub(r"[^a-z0-9-]+", "-", f"eval-{record['run']}-{record['protocol']}".lower()).strip("-")
+    key = artifacts.key_of("eval", record["run"], record["protocol"])
     grid_url = fs.join(record["eval_dir"], metrics.GRID_FILE)
-    table = metrics.format_table(record) + f"\n\nSample grid: `{grid_url}`"
-    create_markdown_artifact(table, key=key, description=f"evaluation of {record['checkpoint_url']}")
-    create_image_artifact(grid_url, key=f"{key}-grid", description=f"samples, step {record['step']}")
+    table = metrics.format_table(record) + f"\n\nSample grid: `{fs.display(grid_url)}`"
+    create_markdown_artifact(table, key=key, description=f"evaluation of {fs.display(record['checkpoint_url'])}")
+    try:
+        png = fs.read_bytes(grid_url)
+    except FileNotFoundError:  # a record from before the grid was written (or a grid removed since)
+        return
+    title = f"{record['run']} step {record['step']}: samples by sampler (columns) and class (rows)"
+    artifacts.publish_png(f"{key}-grid", png, title, fs.display(grid_url), f"samples, step {record['step']}")
 
 
 def _transient_io(task: Any, task_run: Any, state: Any) -> bool:

@@ -69,6 +69,7 @@ def summarize_task(
         "final_loss_v": train.get("final_loss_v"),
         "final_loss_u": train.get("final_loss_u"),
         "eval_dir": record.get("eval_dir"),
+        "loss_curve": Root(cfg.root).run(cfg.name).loss_curve,
         "metrics": record.get("samplers", {}),
         "table": table,
     }

@@ -275,5 +275,19 @@ def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], N
 
 @task(name="train", retries=0, cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig) -> dict[str, Any]:
-    """Prefect task over ``train_run``. No retries: training resumes by itself when run again."""
-    return train_run(cfg)
+    """Prefect task over ``train_run``. No retries: training resumes by itself when run again. The loss curve
+    is published as an artifact the UI shows."""
+    result = train_run(cfg)
+    publish_loss_curve(cfg)
+    return result
+
+
+def publish_loss_curve(cfg: PipelineConfig) -> None:
+    """runs/<run>/loss.png as a markdown artifact of the current run (nothing outside one)."""
+    from tasks import artifacts
+
+    layout = Root(cfg.root).run(cfg.name)
+    if fs.exists(layout.loss_curve):
+        title = f"{cfg.name}: unweighted loss_v / loss_u (left), weighted loss (right)"
+        key = artifacts.key_of("loss", cfg.name)
+        artifacts.publish_png(key, fs.read_bytes(layout.loss_curve), title, fs.display(layout.loss_curve), title)

@@ -133,3 +133,36 @@ def test_grid_places_every_sample_and_labels_samplers_and_classes() -> None:
             expected = blocks[b][r, c].repeat(4, axis=0).repeat(4, axis=1)
             np.testing.assert_array_equal(canvas[y : y + cell, x : x + cell], expected)
     assert (labelled[:14, 8 + 7 :] > 200).any() and (labelled[14:, :15] > 200).any()  # titles, class names (white)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_pictures_reach_the_ui_embedded_in_markdown_artifacts() -> None:
+    import base64
+    import re
+
+    from PIL import Image
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.artifacts import MAX_WIDTH_PX, publish_png
+
+    wide = io.BytesIO()
+    Image.new("RGB", (2 * MAX_WIDTH_PX, 300), (10, 200, 30)).save(wide, format="PNG")
+
+    @flow(name="publish-picture")
+    def publish() -> None:
+        publish_png("test-picture", wide.getvalue(), "a picture", "/somewhere/grid.png", "test")
+
+    publish()
+    publish_png("outside-a-run", wide.getvalue(), "x", "/x", "x")  # outside a run: nothing, no error
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["test-picture"])))
+        outside = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["outside-a-run"])))
+    assert len(found) == 1 and found[0].type == "markdown" and outside == []
+    text = found[0].data
+    assert "file://" not in text and "Full size: `/somewhere/grid.png`" in text
+    data = re.search(r"!\[a picture\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert data is not None
+    shown = Image.open(io.BytesIO(base64.b64decode(data[1])))
+    assert shown.size == (MAX_WIDTH_PX, 150) and shown.getpixel((5, 5))[:3] == (10, 200, 30)
