@@ -85,3 +85,29 @@ def test_one_line_formats_pydantic_and_multiline_errors() -> None:
     assert one_line(ValueError("first\n  second")) == "first second"
     assert is_expected(FileNotFoundError("x")) and is_expected(ValueError("x"))
     assert not is_expected(RuntimeError("a bug")) and not is_expected(ZeroDivisionError())
+
+
+@pytest.mark.slow
+def test_evaluate_without_a_server_starts_none_and_shows_its_progress(tmp_path: Path) -> None:
+    """No PREFECT_API_URL: `dumo evaluate` runs the evaluation directly (no temporary server, seconds
+    sooner), logs what it does at INFO (real images, classifier, sampling), logs no error (no telemetry
+    offline), and prints the table once with plain paths."""
+    from storage import images
+    from storage.layout import Root
+    from tasks.config import PipelineConfig
+    from tests.test_evaluate import _build_store, _checkpoint
+
+    root = Root(str(tmp_path / "root"))
+    _build_store(root, images.write_digits(root.images("digits")), 1, "digits-8")
+    cfg = PipelineConfig.model_validate(
+        {"name": "cli", "root": root.url, "data": {"store_name": "digits-8"}, "eval": {"num_samples": 50}}
+    )
+    url = _checkpoint(root, cfg, 10)
+    proc = _start(["evaluate", url], tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "Starting temporary server" not in err and "ERROR" not in err, err
+    for line in ("evaluating cli step 10 under protocol default", "real images: reading", "feature classifier"):
+        assert line in err, err
+    assert out.count("| 1-step |") == 1 and "file://" not in out
+    assert f"metrics and sample grid: {tmp_path}/root/runs/cli/evals/step-0000010/default" in out

@@ -75,13 +75,24 @@ def test_evaluate_gives_one_error_for_a_non_checkpoint_with_and_without_prefect(
 
 
 @pytest.mark.slow
-def test_stock_zero_to_fp32_consolidates_a_checkpoint_without_tag(tiny_root: str, tmp_path: Path, monkeypatch) -> None:
+def test_stock_zero_to_fp32_consolidates_a_checkpoint_without_tag(
+    tiny_root: str, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    import logging
+
     from tasks.train import train_run
     from tasks.train_worker import deepspeed_config
 
     monkeypatch.setenv("DUMO_STAGING_DIR", str(tmp_path / "staging"))
+    monkeypatch.delenv("DUMO_NO_PROGRESS", raising=False)  # as a user has it: the parent turns the bar off
+    caplog.set_level(logging.INFO, logger="dumo.train")
     cfg = config(tiny_root, "z2-stock", "train.num_steps=2", "train.checkpoint_every=2", "train.ema_decay=0")
-    url = train_run(cfg)["checkpoint_url"]  # ZeRO-2, one rank; EMA decay 0: the EMA is the weights
+    result = train_run(cfg)  # ZeRO-2, one rank; EMA decay 0: the EMA is the weights
+    url = result["checkpoint_url"]
+    # No progress bar drawn into the parent's pipe (each refresh was a log line); the headline loss is unweighted
+    assert "step/s]" not in caplog.text and "%|" not in caplog.text
+    assert "training done at step 2: loss_v " in caplog.text and "(weighted loss " in caplog.text
+    assert result["final_loss_v"] > 0 and result["final_loss_u"] > 0
     ckpt_dir = fs.local_path(url)
     assert Path(ckpt_dir, "latest").read_text() == ckpts.TRAINER_DIR
     files = ckpts.read_marker(url)["files"]
