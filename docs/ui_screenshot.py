@@ -1,7 +1,7 @@
 """What a user sees in the Prefect UI after the demo: start a local Prefect server, run ``dumo demo`` against
 it, and photograph the flow run's artifacts with headless Chromium (Debian's ``chromium`` package).
 
-    python docs/ui_screenshot.py [--steps 800] [--out docs/ui-artifacts.png]
+    python docs/ui_screenshot.py [--steps 800] [--set KEY=VALUE ...] [--out docs/ui-artifacts.png]
 
 Not part of ``make test``: it needs Chromium and takes the demo's few minutes. Everything (server state, demo
 root) lives in a temporary directory that is removed afterwards; the server is stopped by PID. Writes the
@@ -44,6 +44,7 @@ def shoot(chromium: str, page: str, out: Path, height: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="train.num_steps (default: the demo's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="more demo --set KEY=VALUE")
     parser.add_argument("--out", default=str(PROJECT / "docs" / "ui-artifacts.png"))
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     args = parser.parse_args()
@@ -55,6 +56,7 @@ def main() -> int:
         env.update(HF_HUB_OFFLINE="1", DUMO_NO_PROGRESS="1")
         argv = [sys.executable, "-m", "flows.cli", "demo", "--root", str(tmp / "root")]
         argv += ["--set", f"train.num_steps={args.steps}"] if args.steps else []
+        argv += [word for item in args.overrides for word in ("--set", item)]
         subprocess.run(argv, cwd=PROJECT, env=env, check=True, timeout=3600)
         runs = api(local.api_url, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 20})
         run = next(r for r in runs if r["name"] and r["state_type"] == "COMPLETED" and r["parent_task_run_id"] is None)

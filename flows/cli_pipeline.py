@@ -54,7 +54,13 @@ def _pipeline(config: str, overrides: list[str]) -> dict:
     _offline_defaults()
     from tasks.config import load_config
 
-    load_config(config, overrides)  # a bad config fails here, before Prefect starts
+    cfg = load_config(config, overrides)  # a bad config fails here, before Prefect starts
+    from storage import latents
+    from storage.layout import Root
+    from tasks.train import preflight, resolve
+
+    if latents.is_complete(Root(cfg.root).latent_store(cfg.data.store_name)):  # built: training's checks too
+        preflight(resolve(cfg))  # (batch vs store, a run that cannot resume) before Prefect starts
     from flows.cli_errors import quiet_prefect_tracebacks
     from flows.pipeline import full_pipeline
 
