@@ -111,3 +111,18 @@ def test_evaluate_without_a_server_starts_none_and_shows_its_progress(tmp_path: 
         assert line in err, err
     assert out.count("| 1-step |") == 1 and "file://" not in out
     assert f"metrics and sample grid: {tmp_path}/root/runs/cli/evals/step-0000010/default" in out
+
+
+def test_single_process_commands_use_prefect_only_where_a_server_is_configured(monkeypatch) -> None:
+    from flows.cli_setup import STARTUP_ENV, prepare_environment, use_prefect
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert use_prefect(None) is False and use_prefect(True) is True
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert use_prefect(None) is True and use_prefect(False) is False
+    for key in STARTUP_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # the user's value wins
+    prepare_environment()
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "300"
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and os.environ["DO_NOT_TRACK"] == "1"
