@@ -11,6 +11,7 @@ space for FID and spread, and logits for the class accuracy of conditional sampl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -97,9 +98,11 @@ def train_classifier(
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> FeatureClassifier:
     """Train on images x (N, C, R, R) in [-1, 1] with labels y (N,): AdamW, cosine decay, random shifts of
-    up to R/8 pixels. Deterministic for a given seed, thread count and device. Returns the model in eval mode."""
+    up to R/8 pixels. Deterministic for a given seed, thread count and device. Returns the model in eval mode.
+    ``on_step(done, total)`` is called after each optimizer step (progress reporting)."""
     torch.manual_seed(seed)  # initial weights
     gen = torch.Generator().manual_seed(seed)
     model = FeatureClassifier(cfg).to(x.device)
@@ -108,7 +111,7 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=num_steps, pct_start=0.1)
     max_shift = max(1, cfg.resolution // 8)
     model.train()
-    for _ in range(num_steps):
+    for step in range(num_steps):
         idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
         batch = _random_shift(x[idx].cpu(), max_shift, gen).to(x.device)
         loss = F.cross_entropy(model(batch).logits, y[idx])
@@ -116,4 +119,6 @@ def train_classifier(
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step + 1, num_steps)
     return model.eval()

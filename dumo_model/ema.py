@@ -13,7 +13,14 @@ class EMA:
     of update n is d = min(decay, (1 + n) / (10 + n)), so early averages are not dominated by the
     initial weights: with decay 0.999 and no warm-up, 600 updates still leave 0.999^600 = 55% of the
     (zero-output) initialisation in the average, and the digits demo's EMA samples are at chance while
-    the raw weights reach 99% class accuracy."""
+    the raw weights reach 99% class accuracy.
+
+    diffusers' ``EMAModel`` (use_ema_warmup=False) applies the same decay formula; this class stays because
+    (1) its shadow is float32 whatever the training precision, while EMAModel clones the parameters in their
+    own dtype: under bf16 training an update of (1 - 0.9999) x delta is below bf16's resolution (8 bits of
+    mantissa) and the average would stop moving; (2) exact resume sets ``num_updates`` to the resumed step,
+    and the shadow is saved as a plain safetensors dict of the model's parameter names, which evaluation
+    loads into the network with no diffusers object in between; (3) dumo_model imports nothing but torch."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0.0 <= decay < 1.0:

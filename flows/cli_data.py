@@ -87,8 +87,20 @@ def run_make_digits(args: argparse.Namespace) -> int:
 
 
 def run_build_latents(args: argparse.Namespace) -> int:
-    from flows.build_latents import run_build_latents as build
+    from storage import fs
+    from tasks.encode import store_status
 
+    # What can be checked cheaply is checked before Prefect starts (the full listing of SOURCE is the flow's)
+    if args.autoencoder == "sd-vae" and not args.vae:
+        raise ValueError("--autoencoder sd-vae needs --vae PATH_OR_ID (a local AutoencoderKL directory or a hub id)")
+    if not fs.exists(args.source):
+        raise FileNotFoundError(f"image tree {args.source} does not exist: give a folder SOURCE/<class>/<image>")
+    expect = {"autoencoder_name": args.autoencoder, "resolution": args.resolution}
+    store_status.fn(args.store, {**expect, "latent_dtype": args.latent_dtype, "shard_size": args.shard_size})
+    from flows.build_latents import run_build_latents as build
+    from flows.cli_errors import quiet_prefect_tracebacks
+
+    quiet_prefect_tracebacks()
     summary = build(
         args.source,
         args.store,

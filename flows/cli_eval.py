@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flows.cli_common import add_prefect_switch
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -53,18 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "e.g. VIRTUAL_imagenet256_labeled.npz, instead of statistics computed from the real images",
     )
     p.add_argument("--seed", type=int, help="noise seed of the protocol")
-    p.add_argument(
-        "--no-prefect",
-        action="store_true",
-        help="call the evaluation function directly: no flow run, no artifacts, no retries",
-    )
+    add_prefect_switch(p, "evaluation function", "no flow run, no artifacts, no retries")
     p.add_argument("--json", action="store_true", help="print the whole record as JSON instead of the table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import logging
 
     overrides = {
         "protocol": args.protocol,
@@ -75,20 +72,27 @@ def run(args: argparse.Namespace) -> int:
         "reference_npz": args.reference_npz,
         "seed": args.seed,
     }
-    if args.no_prefect:
-        from tasks.evaluate import evaluate_checkpoint, resolve_protocol
+    from flows.cli_setup import plain_logging, use_prefect
+    from tasks.evaluate import check_protocol, evaluate_checkpoint, resolve_protocol
 
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        record = evaluate_checkpoint(args.checkpoint_url, resolve_protocol(args.checkpoint_url, **overrides))
+    # The checkpoint and the protocol are checked before Prefect starts: one error, with or without a flow
+    eval_cfg = resolve_protocol(args.checkpoint_url, **overrides)
+    check_protocol(eval_cfg)
+    if not use_prefect(args.prefect):
+        plain_logging()
+        record = evaluate_checkpoint(args.checkpoint_url, eval_cfg)
     else:
+        from flows.cli_errors import quiet_prefect_tracebacks
         from flows.evaluate import evaluate_checkpoint_flow
 
+        quiet_prefect_tracebacks()
         record = evaluate_checkpoint_flow(checkpoint_url=args.checkpoint_url, **overrides)
     if args.json:
         print(json.dumps(record, indent=1))
         return 0
+    from storage import fs
     from storage.metrics import format_table
 
     print(format_table(record))
-    print(f"\nmetrics and sample grid: {record['eval_dir']}")
+    print(f"\nmetrics and sample grid: {fs.display(record['eval_dir'])}")
     return 0

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the full pipeline (build-latents -> train -> evaluate) for a config",
         description="Run the flow `dumo` in this process (an ephemeral Prefect API unless PREFECT_API_URL is set): "
         "build the latent store unless it is complete, train (resuming from the newest committed checkpoint), "
-        "evaluate the final checkpoint, print the results table.",
+        "evaluate the final checkpoint, print the results table and the paths of the sample grid, the metrics "
+        "and the loss curve.",
     )
     p.add_argument("config", help="a preset name in configs/ (demo, imagenet256-b2, imagenet256-xl2) or a YAML path")
     add_overrides(p, "train.num_steps=2000")
@@ -44,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _offline_defaults() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # Prefect's start-up settings are flows.cli_setup's, for every command; the pipeline presets' autoencoder
+    # is found offline (a hub lookup without a network wastes ~23 s before failing)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -53,23 +54,38 @@ def _pipeline(config: str, overrides: list[str]) -> dict:
     _offline_defaults()
     from tasks.config import load_config
 
-    load_config(config, overrides)  # a bad config fails here, before Prefect starts
+    cfg = load_config(config, overrides)  # a bad config fails here, before Prefect starts
+    from storage import latents
+    from storage.layout import Root
+    from tasks.train import preflight, resolve
+
+    if latents.is_complete(Root(cfg.root).latent_store(cfg.data.store_name)):  # built: training's checks too
+        preflight(resolve(cfg))  # (batch vs store, a run that cannot resume) before Prefect starts
+    from flows.cli_errors import quiet_prefect_tracebacks
     from flows.pipeline import full_pipeline
 
+    quiet_prefect_tracebacks()
     return full_pipeline(config=config, overrides=overrides)
 
 
+def _print_results(summary: dict) -> None:
+    """The results once (the flow logs no copy of them), with plain paths a shell can open."""
+    from storage import fs
+    from storage.metrics import GRID_FILE, METRICS_FILE
+
+    print("\n" + summary["table"])
+    print(f"\nsample grid: {fs.display(fs.join(summary['eval_dir'], GRID_FILE))}")
+    print(f"metrics:     {fs.display(fs.join(summary['eval_dir'], METRICS_FILE))}")
+    print(f"loss curve:  {fs.display(summary['loss_curve'])}")
+
+
 def run(args: argparse.Namespace) -> int:
-    summary = _pipeline(args.config, args.overrides)
-    print(summary["table"])
+    _print_results(_pipeline(args.config, args.overrides))
     return 0
 
 
 def demo(args: argparse.Namespace) -> int:
-    summary = _pipeline("demo", [f"root={args.root}", *args.overrides])
-    print("\n" + summary["table"])
-    print(f"\nsample grid: {summary['eval_dir']}/grid.png")
-    print(f"metrics:     {summary['eval_dir']}/metrics.json")
+    _print_results(_pipeline("demo", [f"root={args.root}", *args.overrides]))
     return 0
 
 
@@ -78,8 +94,10 @@ def compare(args: argparse.Namespace) -> int:
     from tasks.config import load_config
 
     load_config(args.config, args.overrides)
+    from flows.cli_errors import quiet_prefect_tracebacks
     from flows.compare import compare_objectives
 
+    quiet_prefect_tracebacks()
     written = compare_objectives(config=args.config, overrides=args.overrides)
     print("\n" + written["table"])
     print(f"comparison: {written['dir']} (table.md, results.json, plot.png)")

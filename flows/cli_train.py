@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli_common import add_overrides
+from flows.cli_common import add_overrides, add_prefect_switch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,27 +19,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="YAML file or preset name (e.g. demo)")
     add_overrides(p, "train.num_steps=200")
-    p.add_argument(
-        "--no-prefect",
-        action="store_true",
-        help="call the training function directly: no flow run, no dumo.checkpoint.saved events",
-    )
+    add_prefect_switch(p, "training function", "no dumo.checkpoint.saved events")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import logging
 
-    if args.no_prefect:
-        from tasks.config import load_config
-        from tasks.train import train_run
+    from flows.cli_errors import quiet_prefect_tracebacks
+    from flows.cli_setup import plain_logging, use_prefect
+    from tasks.config import load_config
+    from tasks.train import preflight, resolve
 
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        result = train_run(load_config(args.config, args.overrides))
-    else:
+    cfg = load_config(args.config, args.overrides)
+    preflight(resolve(cfg))  # config, store and resume checked before Prefect or any process starts
+    if use_prefect(args.prefect):
         from flows.train import train_flow
 
+        quiet_prefect_tracebacks()
         result = train_flow(config=args.config, overrides=args.overrides)
+    else:
+        from tasks.train import train_run
+
+        plain_logging()
+        result = train_run(cfg)
     print(json.dumps(result, indent=1))
     return 0

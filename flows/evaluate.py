@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-from tasks.evaluate import checkpoint_step, evaluate_checkpoint_task, find_unevaluated_task, resolve_protocol
+from tasks.evaluate import check_checkpoint, evaluate_checkpoint_task, find_unevaluated_task, resolve_protocol
 
 FeatureExtractor = Literal["classifier", "inception-v3-compat"]
 
@@ -55,12 +55,8 @@ def evaluate_checkpoint_flow(
     ``step``, when given (the event payload carries it), must match the URL. Returns the metrics record;
     a checkpoint already evaluated under the same protocol returns its record without sampling."""
     overrides = _overrides(locals())
-    run, url_step = checkpoint_step(checkpoint_url, step)
+    check_checkpoint(checkpoint_url, step)  # the same error as `dumo evaluate --no-prefect`
     eval_cfg = resolve_protocol(checkpoint_url, **overrides)
-    get_run_logger().info(
-        f"evaluating {run} step {url_step} under protocol {eval_cfg.protocol}"
-        f" ({eval_cfg.num_samples} samples x {len(eval_cfg.samplers)} samplers)"
-    )
     return evaluate_checkpoint_task(checkpoint_url, eval_cfg)
 
 

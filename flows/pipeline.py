@@ -18,7 +18,7 @@ from flows.build_latents import build_latents
 from tasks.config import PipelineConfig, load_config
 from tasks.evaluate import evaluate_checkpoint, evaluate_checkpoint_task
 from tasks.pipeline import locate_data_task, summarize_task
-from tasks.train import train_run
+from tasks.train import publish_loss_curve, train_run
 
 
 def build_store(cfg: PipelineConfig) -> dict[str, Any]:
@@ -66,9 +66,10 @@ def full_pipeline(config: str = "demo", overrides: list[str] | None = None) -> d
     )
     build = build_store(cfg)
     train = train_run(cfg, on_checkpoint=inline_evaluator(cfg))
+    publish_loss_curve(cfg)
     record = evaluate_checkpoint_task(train["checkpoint_url"], cfg.eval)
     summary = summarize_task(cfg, build, train, record)
-    logger.info("results\n" + summary["table"])
+    logger.info(f"run {cfg.name} done: results table, sample grid and loss curve in this flow run's artifacts")
     return summary
 
 

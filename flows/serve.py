@@ -60,33 +60,38 @@ def port_is_free(port: int) -> bool:
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as gone; one that is our child is reaped here)."""
+    import psutil
+
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-    except ChildProcessError:  # not our child: ask ps, which shows zombies as state Z
-        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
-        return bool(state.strip()) and not state.strip().startswith("Z")
-    return True
+    except ChildProcessError:  # not our child
+        pass
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _command_line(pid: int) -> str:
     """The process's command line ('' when it is gone); used to check a PID file still names our process."""
-    return subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    import psutil
+
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
 
 
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants, parents first. Flow runs, and the training ranks they launch, start
     sessions of their own, so a process group does not reach them; their parent links do."""
-    table = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-    children: dict[int, list[int]] = {}
-    for child, parent in zip(map(int, table[::2]), map(int, table[1::2])):
-        children.setdefault(parent, []).append(child)
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop(0)
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
+    import psutil
+
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [pid]
 
 
 def terminate_tree(pid: int, grace: float = 10.0) -> None:
@@ -214,6 +219,9 @@ class LocalPrefect:
         elif not port_is_free(self.port):
             raise RuntimeError(f"port {self.port} on {HOST} is taken; set DUMO_PREFECT_PORT to another one")
         self.home.mkdir(parents=True, exist_ok=True)
+        # Not `prefect server start --background`: in 3.8.8 it leaves the server's stdout and stderr on pipes
+        # that nobody reads once the CLI exits (the log is lost, and a server that writes more than a pipe
+        # buffer blocks); a foreground server of our own logs to .serve/server.log and is found by its PID.
         pid = self._spawn("server", [self.prefect, "server", "start", "--host", HOST, "--port", str(self.port)])
         self.url_file.write_text(self.api_url + "\n")
         self.wait_healthy(pid, timeout)

@@ -5,6 +5,9 @@
         model.json        the DiTConfig of the network, so a checkpoint rebuilds its own model
         config.yaml       the resolved pipeline config of the run
         trainer/          DeepSpeed state for an exact resume (written by the trainer)
+        latest            "trainer": DeepSpeed's pointer to the tag, so its stock tools (zero_to_fp32, ...)
+                          need no --tag
+        ds_config.json    the DeepSpeed config the run generated from its typed config
         COMMITTED         JSON {step, ema_sha256, files, sha256: {file: digest}}; written last: no marker,
                           no checkpoint
 
@@ -33,6 +36,8 @@ EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.json"
 CONFIG_FILE = "config.yaml"
 TRAINER_DIR = "trainer"
+DEEPSPEED_LATEST = "latest"
+DS_CONFIG_FILE = "ds_config.json"
 _READ_BLOCK = 8 * 2**20  # digests are computed over streamed blocks: a ZeRO partition can be gigabytes
 
 
@@ -89,6 +94,13 @@ def write_weights(ckpt_url: str, ema_state: dict, model_config: dict[str, Any], 
     for name, data in blobs.items():
         fs.write_bytes(fs.join(ckpt_url, name), data)
     return {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
+
+
+def write_deepspeed_files(ckpt_url: str, ds_config: dict[str, Any]) -> None:
+    """The files DeepSpeed's own tools look for beside its tag directory: ``latest`` (naming the tag) and the
+    generated config, so ``python -m deepspeed.utils.zero_to_fp32 <checkpoint> <out>`` works as is."""
+    fs.write_text(fs.join(ckpt_url, DEEPSPEED_LATEST), TRAINER_DIR)
+    fs.write_text(fs.join(ckpt_url, DS_CONFIG_FILE), json.dumps(ds_config, indent=1, sort_keys=True) + "\n")
 
 
 def _sha256_stream(read: Callable[[int], bytes]) -> str:

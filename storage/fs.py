@@ -158,6 +158,11 @@ def local_path(url: str) -> str:
     return path
 
 
+def display(url: str) -> str:
+    """A URL as a person would type it: the plain path of a local file, any other URL as it is."""
+    return local_path(url) if is_local(url) else str(url)
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
@@ -210,22 +215,14 @@ def remove(url: str, recursive: bool = True) -> None:
 
 
 def upload_dir(local_dir: str, url: str) -> None:
-    """Copy a local directory tree to ``url`` (any filesystem)."""
+    """Copy a local directory tree to ``url`` (any filesystem). fsspec's recursive put; the trailing '/' on
+    the source copies its contents into ``url`` (not a folder named like it), the same on a second call."""
     fs, path = filesystem(url)
-    for dirpath, _, files in os.walk(local_dir):
-        rel = os.path.relpath(dirpath, local_dir)
-        for name in files:
-            src = os.path.join(dirpath, name)
-            dst = path + "/" + (name if rel == "." else f"{rel}/{name}")
-            fs.put_file(src, dst)
+    fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
 
 
 def download_dir(url: str, local_dir: str) -> None:
-    """Copy the tree under ``url`` into ``local_dir``."""
+    """Copy the tree under ``url`` into ``local_dir`` (fsspec's recursive get, contents as in upload_dir)."""
     fs, path = filesystem(url)
-    prefix = path.rstrip("/") + "/"
-    for remote in fs.find(path):
-        rel = remote[len(prefix) :] if remote.startswith(prefix) else os.path.basename(remote)
-        dst = os.path.join(local_dir, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        fs.get_file(remote, dst)
+    os.makedirs(local_dir, exist_ok=True)
+    fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import platform
 import uuid
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -191,9 +192,13 @@ def create(
             dimension_names=("sample", "flip", "channel", "y", "x"),
         )
     # One chunk per shard: labels and paths are small, and one object per task keeps writers apart.
-    group.create_array("label", shape=(num_rows,), dtype="int32", chunks=(shard_size,), fill_value=-1)
-    group.create_array("source", shape=(num_rows,), dtype=str, chunks=(shard_size,), fill_value="")
-    group.create_array("shard_records", shape=(num_shards,), dtype=str, chunks=(1,), fill_value="")
+    # dimension_names on every array (xarray needs them to open the store; docs/latent-store.md)
+    sample = {"dimension_names": ("sample",)}
+    group.create_array("label", shape=(num_rows,), dtype="int32", chunks=(shard_size,), fill_value=-1, **sample)
+    group.create_array("source", shape=(num_rows,), dtype=str, chunks=(shard_size,), fill_value="", **sample)
+    group.create_array(
+        "shard_records", shape=(num_shards,), dtype=str, chunks=(1,), fill_value="", dimension_names=("shard",)
+    )
     full = {
         "schema_version": SCHEMA_VERSION,
         "store_id": uuid.uuid4().hex,
@@ -377,6 +382,12 @@ def finalize(url: str, threads: int = 8) -> dict[str, Any]:
     }
     group = _open_group(url, mode="r+")
     group.attrs.update({"shards": records, "report": report, "complete": True})
+    # Consolidated metadata (one read lists every array, as xarray and dask expect), written once the store
+    # is complete: nothing changes the arrays' metadata after this. zarr warns that v3 has it only as an
+    # extension; zarr, xarray and dask all read it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(zarr_store(url, read_only=False))
     return report
 
 

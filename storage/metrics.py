@@ -155,27 +155,52 @@ class SamplesWriter:
 
 
 # -- grid ---------------------------------------------------------------------------------------------
-def grid_png(blocks: list[np.ndarray], min_cell_px: int = 32, gap_px: int = 4, block_gap_px: int = 16) -> bytes:
+def grid_png(
+    blocks: list[np.ndarray],
+    titles: list[str] | None = None,
+    row_labels: list[str] | None = None,
+    min_cell_px: int = 32,
+    gap_px: int = 4,
+    block_gap_px: int = 16,
+) -> bytes:
     """PNG of sample blocks side by side (one per sampler, in protocol order); each block is
-    (rows, cols, H, W, 3) uint8, rows = classes. Small images are enlarged by pixel repetition so 8x8 digits
-    stay visible; gaps are mid grey, wider between blocks."""
+    (rows, cols, H, W, 3) uint8, rows = classes, laid out by torchvision's ``make_grid``. ``titles`` head the
+    blocks (sampler and steps), ``row_labels`` name the rows (classes) on the left. Small images are
+    enlarged by pixel repetition so 8x8 digits stay visible; gaps are mid grey, wider between blocks."""
+    import torch
+    from PIL import ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
     rows = max(b.shape[0] for b in blocks)
     h, w = blocks[0].shape[2:4]
     scale = max(1, -(-min_cell_px // max(h, w)))
-    cell_h, cell_w = h * scale + gap_px, w * scale + gap_px
-    widths = [b.shape[1] * cell_w for b in blocks]
-    width = gap_px + sum(widths) + block_gap_px * (len(blocks) - 1)
-    canvas = np.full((rows * cell_h + gap_px, width, 3), 128, np.uint8)
-    x0 = gap_px
-    for block, block_w in zip(blocks, widths):
-        for r in range(block.shape[0]):
-            for c in range(block.shape[1]):
-                img = block[r, c].repeat(scale, axis=0).repeat(scale, axis=1)
-                y, x = gap_px + r * cell_h, x0 + c * cell_w
-                canvas[y : y + h * scale, x : x + w * scale] = img
-        x0 += block_w + block_gap_px
+    grids = []
+    for block in blocks:
+        cells = torch.from_numpy(np.ascontiguousarray(block)).reshape(-1, h, w, 3).permute(0, 3, 1, 2)
+        cells = cells.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        if block.shape[0] < rows:  # a block with fewer rows: grey cells below
+            pad = torch.full((block.shape[1] * (rows - block.shape[0]), *cells.shape[1:]), 128, dtype=torch.uint8)
+            cells = torch.cat([cells, pad])
+        grids.append(make_grid(cells, nrow=block.shape[1], padding=gap_px, pad_value=128).permute(1, 2, 0).numpy())
+    font = ImageFont.load_default()
+    text_h = 14 if titles else 0
+    label_w = 8 + 7 * max((len(r) for r in row_labels or []), default=0) if row_labels else 0
+    width = label_w + sum(g.shape[1] for g in grids) + block_gap_px * (len(grids) - 1)
+    canvas = np.full((text_h + grids[0].shape[0], width, 3), 128, np.uint8)
+    x0, starts = label_w, []
+    for grid in grids:
+        canvas[text_h : text_h + grid.shape[0], x0 : x0 + grid.shape[1]] = grid
+        starts.append(x0)
+        x0 += grid.shape[1] + block_gap_px
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for x, title in zip(starts, titles or []):
+        draw.text((x + gap_px, 1), title, fill=(255, 255, 255), font=font)
+    cell_h = h * scale + gap_px
+    for r, label in enumerate((row_labels or [])[:rows]):
+        draw.text((4, text_h + gap_px + r * cell_h + (h * scale - 10) // 2), label, fill=(255, 255, 255), font=font)
     buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 

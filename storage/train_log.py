@@ -49,6 +49,23 @@ def read_train_log(layout: RunLayout) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+HEADLINE_TERMS = ("loss_v", "loss_u")  # unweighted: they fall as the model learns
+
+
+def loss_headline(record: dict[str, Any] | None, digits: int = 4) -> str:
+    """The losses of a record for a person: the unweighted ``loss_v`` / ``loss_u`` first, the weighted loss
+    the optimizer sees after them in brackets. Adaptive weighting divides each sample's loss by (about)
+    its own size, so the weighted loss sits near a constant (2.0 for two terms) however well training
+    goes; headlining it made a run that learned look like one that failed."""
+    if not record:
+        return "loss n/a"
+    terms = [f"{k} {record[k]:.{digits}f}" for k in HEADLINE_TERMS if record.get(k) is not None]
+    weighted = record.get("loss")
+    if not terms:
+        return "loss n/a" if weighted is None else f"loss {weighted:.{digits}f}"
+    return " ".join(terms) + ("" if weighted is None else f" (weighted loss {weighted:.{digits}f})")
+
+
 class TrainLog:
     """The writer. A local file is appended to at every log window; an object cannot be appended to, so it is
     rewritten at most every REMOTE_FLUSH_S and at each checkpoint (``flush()``)."""

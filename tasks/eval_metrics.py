@@ -35,8 +35,12 @@ from storage import fs, latents, metrics
 from storage.autoencoders import file_digest
 from storage.images import list_images, load_images
 from storage.layout import Root
+from tasks.progress import Progress, run_logger
 
-log = logging.getLogger(__name__)
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    return run_logger(__name__)  # the run's logger inside Prefect (lines reach the UI), else plain logging
+
 
 MAX_REAL_IMAGES = 20_000  # real images kept as reference, evenly spread over the sorted (class-major) rows
 REAL_IMAGES_BUDGET_BYTES = 1 << 30  # ...and at most this many bytes of them (5,461 images at 256 px RGB)
@@ -88,16 +92,18 @@ def _load_from_tree(tree_url: str, rows: np.ndarray, attrs: dict[str, Any]) -> n
     except FileNotFoundError:
         return None
     if source.fingerprint != attrs["dataset_fingerprint"]:
-        log.warning("image tree %s is not the store's dataset (fingerprint differs); not using it", tree_url)
+        _log().warning("image tree %s is not the store's dataset (fingerprint differs); not using it", tree_url)
         return None
     files = [source.files[i] for i in rows]
     res, ch = int(attrs["resolution"]), int(attrs["image_channels"])
     out = np.empty((len(rows), ch, res, res), np.uint8)
-    for lo in range(0, len(files), 512):
-        for j, img in enumerate(load_images(tree_url, files[lo : lo + 512], res, ch)):
-            if isinstance(img, Exception):
-                raise img  # the store skipped bad rows already; a file that went bad since is an error
-            out[lo + j] = to_uint8(torch.from_numpy(img)).numpy()
+    with Progress(f"real images from {tree_url}", len(files), "image", _log()) as progress:
+        for lo in range(0, len(files), 512):
+            for j, img in enumerate(load_images(tree_url, files[lo : lo + 512], res, ch)):
+                if isinstance(img, Exception):
+                    raise img  # the store skipped bad rows already; a file that went bad since is an error
+                out[lo + j] = to_uint8(torch.from_numpy(img)).numpy()
+            progress.update(len(files[lo : lo + 512]))
     return out
 
 
@@ -126,6 +132,7 @@ def load_real_images(root: Root, store_url: str, tree_urls: list[str]) -> RealIm
             labels = np.asarray(group["label"][:], dtype=np.int64)
             valid = np.flatnonzero(labels >= 0)  # rows the store skipped as bad files carry -1
             rows = valid[np.linspace(0, len(valid) - 1, min(cap, len(valid))).round().astype(int)]
+            _log().info(f"real images: reading {len(rows)} of the store's dataset once (cached in {url})")
             images, source = None, ""
             for tree in tree_urls:
                 images = _load_from_tree(tree, rows, attrs)
@@ -146,7 +153,7 @@ def load_real_images(root: Root, store_url: str, tree_urls: list[str]) -> RealIm
             split = {"holdout_index": order[: len(rows) // 2], "reference_index": np.sort(order[len(rows) // 2 :])}
             meta = {**identity, "source": source, "num_images": len(rows), "num_holdout": len(rows) // 2}
             metrics.write_npz(url, {"images": images, "labels": labels[rows], **split}, meta)
-            log.info("real images: %d of %d rows from %s -> %s", len(rows), len(valid), source, url)
+            _log().info("real images: %d of %d rows from %s -> %s", len(rows), len(valid), source, url)
             cached = metrics.read_npz(url)
     assert cached is not None
     arrays, meta, _ = cached
@@ -231,6 +238,38 @@ def extract(extractor: Extractor, images: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 # -- reference ----------------------------------------------------------------------------------------
+INCEPTION_FEATURE_DIM = 2048
+
+
+def feature_width(feature_extractor: str) -> int:
+    """The width of the features FID is computed on: the classifier's penultimate layer, or Inception's pool."""
+    if feature_extractor == "inception-v3-compat":
+        return INCEPTION_FEATURE_DIM
+    return ClassifierConfig.__dataclass_fields__["feature_dim"].default
+
+
+def read_reference_npz(path: str, width: int, feature_extractor: str) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(mu, sigma, file bytes) of ADM-style reference statistics, checked against the features they will be
+    compared with: a width that differs would otherwise fail deep in a matrix product."""
+    if not fs.exists(path):
+        raise FileNotFoundError(f"reference statistics {path} (--reference-npz / eval.reference_npz) do not exist")
+    data = fs.read_bytes(path)
+    try:
+        with np.load(io.BytesIO(data)) as z:
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    except (KeyError, ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not an npz with arrays mu and sigma (ADM reference statistics): {exc}") from exc
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or len(mu) != width:
+        raise ValueError(
+            f"{path} holds statistics of {mu.shape[-1] if mu.ndim else '?'}-d features (mu {mu.shape}, sigma"
+            f" {sigma.shape}) but the {feature_extractor} feature extractor gives {width}-d features: use"
+            f" statistics made with the same extractor (ADM's VIRTUAL_imagenet256_labeled.npz is"
+            f" inception-v3-compat, {INCEPTION_FEATURE_DIM}-d), or drop --reference-npz to compute them from"
+            " the dataset's images"
+        )
+    return mu, sigma, data
+
+
 def prepare(
     root: Root,
     real: RealImages | None,
@@ -280,9 +319,10 @@ def prepare(
             meta,
         )
     if reference_npz:
-        data = fs.read_bytes(reference_npz)
-        with np.load(io.BytesIO(data)) as z:
-            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+        width = feature_width(feature_extractor)
+        if reference is not None and reference.ref_features is not None:
+            width = reference.ref_features.shape[1]  # the extractor's actual width
+        mu, sigma, data = read_reference_npz(reference_npz, width, feature_extractor)
         held = reference or Reference(mu, sigma, None, None, None, None, None, "", "", {})
         reference = Reference(
             mu,
@@ -313,7 +353,11 @@ def _build_bundle(
         _, ch, res, _ = real.images.shape
         cfg = ClassifierConfig(in_channels=ch, resolution=res, num_classes=num_classes)
         x = torch.from_numpy(ref_images).to(device).float() / 127.5 - 1
-        model = train_classifier(x, torch.from_numpy(ref_labels).to(device), cfg, seed=SPLIT_SEED)
+        _log().info(f"feature classifier: training on {len(x)} real images, once per dataset (cached in {url})")
+        with Progress("feature classifier training", 0, "step", _log()) as progress:
+            model = train_classifier(
+                x, torch.from_numpy(ref_labels).to(device), cfg, seed=SPLIT_SEED, on_step=progress.step_of
+            )
         arrays.update({f"classifier/{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()})
         meta.update(classifier_config=cfg.to_dict(), classifier_recipe_version=RECIPE_VERSION)
         extractor = ClassifierExtractor(model, device)
@@ -329,9 +373,9 @@ def _build_bundle(
         arrays["holdout_logits"] = holdout_logits
         acc = float((holdout_logits.argmax(1) == real.labels[real.holdout_index]).mean())
         meta["classifier_holdout_accuracy"] = acc
-        log.info("classifier: held-out accuracy %.4f on %d real images", acc, len(holdout_logits))
+        _log().info("classifier: held-out accuracy %.4f on %d real images", acc, len(holdout_logits))
     metrics.write_npz(url, arrays, meta)
-    log.info(
+    _log().info(
         "reference %s: %d reference + %d held-out images, %d-d features",
         url,
         len(ref_features),
@@ -382,15 +426,16 @@ def nearest_l2(
     queries: np.ndarray, keys: np.ndarray, self_index: np.ndarray | None = None, device: torch.device | None = None
 ) -> np.ndarray:
     """For each query image, the L2 distance ([0, 1] pixel units) to the nearest key image; ``self_index``
-    excludes each query's own row of ``keys`` (leave-one-out). The search runs in float32 matmuls; the
-    distance to the neighbour found is then recomputed exactly, so a copy measures 0, not rounding noise."""
+    excludes each query's own row of ``keys`` (leave-one-out). The search runs in float32 ``torch.cdist``
+    (matrix products for sets this size); the distance to the neighbour found is then recomputed exactly in
+    float64, so a copy measures 0, not rounding noise."""
     dev = device or torch.device("cpu")
     q = torch.from_numpy(queries.reshape(len(queries), -1)).to(dev).float() / 255
     best = torch.full((len(q),), float("inf"), device=dev)
     best_index = torch.zeros(len(q), dtype=torch.long, device=dev)
     for lo in range(0, len(keys), 1024):
         k = torch.from_numpy(keys[lo : lo + 1024].reshape(min(1024, len(keys) - lo), -1)).to(dev).float() / 255
-        d2 = (q * q).sum(1, keepdim=True) + (k * k).sum(1)[None] - 2 * q @ k.T  # (n, b)
+        d2 = torch.cdist(q, k).square()  # (n, b); a matmul inside, so rounding noise: recomputed below
         if self_index is not None:
             own = torch.from_numpy(self_index).to(dev) - lo
             hit = (own >= 0) & (own < len(k))

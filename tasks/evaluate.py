@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import asdict
@@ -32,9 +31,10 @@ from dumo_model.samplers import sample
 from storage import checkpoints, fs, latents, metrics
 from storage.autoencoders import AutoencoderSpec, describe, get_autoencoder
 from storage.layout import Root, run_of_checkpoint
-from tasks import eval_metrics
+from tasks import artifacts, eval_metrics
 from tasks.config import EvalConfig, PipelineConfig, config_from_yaml_text
 from tasks.modeling import model_from_dict
+from tasks.progress import Progress, run_logger
 
 log = logging.getLogger("dumo.evaluate")
 
@@ -46,12 +46,7 @@ SAMPLING_STATS = {"images": 0, "evaluations": 0}
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     """The Prefect run logger inside a flow or task run (so lines reach the UI), else plain logging."""
-    try:
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # no run context
-        return log
+    return run_logger(log.name)
 
 
 # -- protocol -----------------------------------------------------------------------------------------
@@ -66,12 +61,36 @@ def protocol_hash(cfg: EvalConfig) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
+def check_checkpoint(checkpoint_url: str, step: int | None = None) -> tuple[str, int]:
+    """(run, step) of a committed checkpoint. Anything else fails here, with the same words whether the
+    evaluation runs as a flow or not: a URL outside the run layout, a step that does not match, a directory
+    without the commit marker (absent, half-written, or not a checkpoint at all)."""
+    run, url_step = checkpoint_step(checkpoint_url, step)
+    if not checkpoints.is_committed(checkpoint_url):
+        layout = run_of_checkpoint(checkpoint_url)[0].run(run)
+        steps = checkpoints.committed_steps(layout)
+        raise FileNotFoundError(
+            f"{checkpoint_url} is not a committed checkpoint (no {checkpoints.MARKER} marker); committed steps"
+            f" of run {run}: {steps or 'none'}" + (f", e.g. {layout.checkpoint(steps[-1])}" if steps else "")
+        )
+    return run, url_step
+
+
 def resolve_protocol(checkpoint_url: str, eval_cfg: EvalConfig | None = None, **overrides: Any) -> EvalConfig:
     """The protocol for a checkpoint: ``eval_cfg``, else the ``eval`` section of the run config saved in the
     checkpoint, with the non-None ``overrides`` (EvalConfig fields) applied and validated."""
+    if eval_cfg is None:
+        check_checkpoint(checkpoint_url)
     base = eval_cfg or config_from_yaml_text(checkpoints.read_config_yaml(checkpoint_url)).eval
     changes = {k: v for k, v in overrides.items() if v is not None}
     return EvalConfig.model_validate({**base.model_dump(), **changes}) if changes else base
+
+
+def check_protocol(eval_cfg: EvalConfig) -> None:
+    """What can be checked of a protocol before any work: a reference npz exists and fits the extractor."""
+    if eval_cfg.reference_npz:
+        width = eval_metrics.feature_width(eval_cfg.feature_extractor)
+        eval_metrics.read_reference_npz(eval_cfg.reference_npz, width, eval_cfg.feature_extractor)
 
 
 def checkpoint_step(checkpoint_url: str, step: int | None = None) -> tuple[str, int]:
@@ -112,10 +131,12 @@ def evaluate_checkpoint(checkpoint_url: str, eval_cfg: EvalConfig | None = None,
     """Evaluate a committed checkpoint under a protocol (default: its run's ``eval`` section) and return the
     record (the contents of metrics.json). A checkpoint already evaluated under the same protocol returns
     its record without sampling anything."""
+    check_checkpoint(checkpoint_url)  # in the user's spelling of the URL, as the flow reports it
     url = fs.normalize(checkpoint_url)
     root, run, step = run_of_checkpoint(url)
     cfg_yaml = checkpoints.read_config_yaml(url)
     eval_cfg = eval_cfg or config_from_yaml_text(cfg_yaml).eval
+    check_protocol(eval_cfg)
     digest, phash = checkpoints.digest(url), protocol_hash(eval_cfg)
     eval_dir = root.run(run).eval_dir(step, eval_cfg.protocol)
     record = metrics.cached_record(eval_dir, digest, phash)
@@ -200,6 +221,10 @@ def _evaluate(
     device: torch.device,
 ) -> dict[str, Any]:
     logger = _logger()
+    logger.info(
+        f"evaluating {run} step {step} under protocol {eval_cfg.protocol}"
+        f" ({eval_cfg.num_samples} samples x {len(eval_cfg.samplers)} samplers) on {device}"
+    )
     t_start = time.perf_counter()
     model = _load_model(url, device)
     store_url = root.latent_store(cfg.data.store_name)
@@ -242,7 +267,8 @@ def _evaluate(
             f" {_num(result, 'spread_ratio')}, NN L2 {_num(result, 'nn_l2_train')}"
             f" (real {_num(baseline, 'nn_l2_train')})"
         )
-    grid = metrics.grid_png(blocks)
+    titles = [f"{s.label} ({s.name})" for s in eval_cfg.samplers]
+    grid = metrics.grid_png(blocks, titles, [str(c) for c in attrs["class_names"][:GRID_CLASSES]])
     fs.write_bytes(fs.join(eval_dir, metrics.GRID_FILE), grid)
     files[metrics.GRID_FILE] = metrics.sha256_bytes(grid)
     record = {
@@ -305,6 +331,7 @@ def _sample_and_score(
     block: np.ndarray | None = None
     feats, class_logits, is_logits, nn_images = [], [], [], []
     writer: metrics.SamplesWriter | None = None
+    progress = Progress(f"sampling {sampler_cfg.label}", len(labels), "image", _logger())
     try:
         for lo in range(0, len(labels), eval_cfg.batch_size):
             y = torch.from_numpy(labels[lo : lo + eval_cfg.batch_size]).to(device)
@@ -327,6 +354,8 @@ def _sample_and_score(
             is_logits.append(il)
             nn_images.append(images[: max(0, eval_metrics.NN_MAX_QUERIES - lo)])
             SAMPLING_STATS["images"] += len(y)
+            progress.update(len(y))
+        progress.close()
         assert writer is not None and block is not None
         sha = writer.close()
     except BaseException:
@@ -361,17 +390,22 @@ def _version(dist: str) -> str | None:
 
 # -- Prefect ------------------------------------------------------------------------------------------
 def publish_artifacts(record: dict[str, Any]) -> None:
-    """The results table and the grid as artifacts of the current flow run; nothing outside a run."""
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
+    """The results table and the labelled sample grid as artifacts of the current flow run, both shown in the
+    UI (the grid embedded in a markdown artifact: see tasks.artifacts); nothing outside a run."""
+    from prefect.artifacts import create_markdown_artifact
 
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+    if not artifacts.in_run():
         return
-    key = re.sub(r"[^a-z0-9-]+", "-", f"eval-{record['run']}-{record['protocol']}".lower()).strip("-")
+    key = artifacts.key_of("eval", record["run"], record["protocol"])
     grid_url = fs.join(record["eval_dir"], metrics.GRID_FILE)
-    table = metrics.format_table(record) + f"\n\nSample grid: `{grid_url}`"
-    create_markdown_artifact(table, key=key, description=f"evaluation of {record['checkpoint_url']}")
-    create_image_artifact(grid_url, key=f"{key}-grid", description=f"samples, step {record['step']}")
+    table = metrics.format_table(record) + f"\n\nSample grid: `{fs.display(grid_url)}`"
+    create_markdown_artifact(table, key=key, description=f"evaluation of {fs.display(record['checkpoint_url'])}")
+    try:
+        png = fs.read_bytes(grid_url)
+    except FileNotFoundError:  # a record from before the grid was written (or a grid removed since)
+        return
+    title = f"{record['run']} step {record['step']}: samples by sampler (columns) and class (rows)"
+    artifacts.publish_png(f"{key}-grid", png, title, fs.display(grid_url), f"samples, step {record['step']}")
 
 
 def _transient_io(task: Any, task_run: Any, state: Any) -> bool:

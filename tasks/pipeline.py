@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage import fs, images, metrics
 from storage.layout import Root
+from storage.train_log import loss_headline
 from tasks.config import PipelineConfig
 
 BUILTIN_DIGITS = "builtin:digits"
@@ -38,6 +39,12 @@ def locate_data_task(cfg: PipelineConfig) -> dict[str, str]:
     return source_and_store(cfg)
 
 
+def _final_losses(train: dict[str, Any]) -> str:
+    """``final loss_v .. loss_u .. (weighted loss ..)``: the unweighted terms first (see loss_headline)."""
+    names = {"loss": "final_loss", "loss_v": "final_loss_v", "loss_u": "final_loss_u"}
+    return "final " + loss_headline({k: train.get(v) for k, v in names.items()})
+
+
 @task(name="summarize", cache_policy=NO_CACHE)
 def summarize_task(
     cfg: PipelineConfig, build: dict[str, Any], train: dict[str, Any], record: dict[str, Any]
@@ -48,7 +55,7 @@ def summarize_task(
     table = metrics.format_table(record)
     text = (
         f"## dumo run `{cfg.name}`\n\nstore `{build['store']}` ({build['num_rows']} rows); "
-        f"trained to step {train['step']} (final loss {train['final_loss']:.4g}, "
+        f"trained to step {train['step']} ({_final_losses(train)}, "
         f"{train['steps_per_s']:.2f} steps/s); checkpoint `{train['checkpoint_url']}`\n\n{table}\n"
     )
     key = "dumo-summary-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.name.lower())
@@ -59,7 +66,10 @@ def summarize_task(
         "checkpoint_url": train["checkpoint_url"],
         "step": train["step"],
         "final_loss": train["final_loss"],
+        "final_loss_v": train.get("final_loss_v"),
+        "final_loss_u": train.get("final_loss_u"),
         "eval_dir": record.get("eval_dir"),
+        "loss_curve": Root(cfg.root).run(cfg.name).loss_curve,
         "metrics": record.get("samplers", {}),
         "table": table,
     }

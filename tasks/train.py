@@ -1,6 +1,7 @@
 """The train task: check the config, launch the ranks of ``tasks.train_worker`` as processes, follow them.
 
-    train_run(cfg, on_checkpoint=None) -> {"run_url", "checkpoint_url", "step", "final_loss", "steps_per_s"}
+    train_run(cfg, on_checkpoint=None) -> {"run_url", "checkpoint_url", "step", "final_loss", "final_loss_v",
+                                           "final_loss_u", "steps_per_s"}
 
 Launchers (``train.launcher``; ``auto`` picks by size): ``inline`` one process with RANK/WORLD_SIZE/...
 set, no launcher; ``torchrun`` N processes on this machine; ``deepspeed`` the deepspeed launcher, the only
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
@@ -38,9 +40,11 @@ from storage import fs, latents
 from storage.layout import Root, RunLayout
 from tasks.config import PipelineConfig
 from tasks.modeling import dit_config, resume_config
+from tasks.progress import PROGRESS_EVERY_S
 from tasks.train_worker import CHECKPOINT_LINE, DONE_LINE, check_resumable
 
 EVENT = "dumo.checkpoint.saved"
+STEP_LINE = re.compile(r"step (\d+)/(\d+) ")  # a rank's progress line; all of them are in train-log.jsonl
 PROJECT_DIR = str(Path(__file__).resolve().parent.parent)
 # Non-secret settings a rank on another node needs; credentials stay in each node's own environment.
 FORWARDED_ENV_PREFIXES = ("DUMO_", "DS_ACCELERATOR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
@@ -195,7 +199,9 @@ def train_run(cfg: PipelineConfig, on_checkpoint: Callable[[str, int], None] | N
         "run_url": run.url,
         "checkpoint_url": done["checkpoint_url"],
         "step": done["step"],
-        "final_loss": done["final_loss"],
+        "final_loss": done["final_loss"],  # weighted, as optimised (near-constant under adaptive weighting)
+        "final_loss_v": done.get("final_loss_v"),  # unweighted: the figures that show learning
+        "final_loss_u": done.get("final_loss_u"),
         "steps_per_s": done["steps_per_s"],
     }
 
@@ -206,6 +212,9 @@ def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], N
     err_dir = os.path.join(tmp, "errors")
     env = dict(os.environ)
     env.update(DUMO_ERROR_DIR=err_dir, DS_ACCELERATOR=t.device, PYTHONUNBUFFERED="1")
+    # The ranks' stderr is this pipe: a tqdm bar there is one log line per refresh (256 INFO lines in one
+    # run). Their "step N/M ..." lines, every train.log_every steps, are the progress instead.
+    env["DUMO_NO_PROGRESS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_DIR, env.get("PYTHONPATH")) if p)
     env_file = None
     if t.launcher == "deepspeed" or t.num_nodes > 1:  # what pdsh carries to the other nodes
@@ -223,6 +232,7 @@ def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], N
         threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
     tail: deque = deque(maxlen=60)
     done: dict[str, Any] | None = None
+    last_step_line = float("-inf")
     try:
         open_streams = 2
         while open_streams:
@@ -244,6 +254,10 @@ def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], N
                         log.warning(f"could not emit {EVENT} for step {step}: {type(exc).__name__}: {exc}")
             elif name == "stdout" and line.startswith(DONE_LINE):
                 done = json.loads(line[len(DONE_LINE) :])
+            elif (m := STEP_LINE.match(line)) and m[1] != m[2]:  # every train.log_every steps: thinned by time
+                if time.monotonic() - last_step_line >= PROGRESS_EVERY_S:
+                    last_step_line = time.monotonic()
+                    log.info(line)
             else:
                 log.info(line)
         code = proc.wait()
@@ -264,5 +278,19 @@ def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], N
 
 @task(name="train", retries=0, cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig) -> dict[str, Any]:
-    """Prefect task over ``train_run``. No retries: training resumes by itself when run again."""
-    return train_run(cfg)
+    """Prefect task over ``train_run``. No retries: training resumes by itself when run again. The loss curve
+    is published as an artifact the UI shows."""
+    result = train_run(cfg)
+    publish_loss_curve(cfg)
+    return result
+
+
+def publish_loss_curve(cfg: PipelineConfig) -> None:
+    """runs/<run>/loss.png as a markdown artifact of the current run (nothing outside one)."""
+    from tasks import artifacts
+
+    layout = Root(cfg.root).run(cfg.name)
+    if fs.exists(layout.loss_curve):
+        title = f"{cfg.name}: unweighted loss_v / loss_u (left), weighted loss (right)"
+        key = artifacts.key_of("loss", cfg.name)
+        artifacts.publish_png(key, fs.read_bytes(layout.loss_curve), title, fs.display(layout.loss_curve), title)

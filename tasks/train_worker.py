@@ -5,7 +5,8 @@ and writes committed checkpoints under the run; run again, it continues from the
 Imports no Prefect: the parent (tasks.train) reads the machine-readable lines rank 0 prints on stdout:
 
     DUMO_CHECKPOINT {"url", "step"}                                                after each commit
-    DUMO_DONE {"step", "final_loss", "steps_per_s", "checkpoint_url", "resumed_from"}   at the end
+    DUMO_DONE {"step", "final_loss", "final_loss_v", "final_loss_u", "steps_per_s", "checkpoint_url",
+               "resumed_from"}                                                 at the end
 
 Exact resume: the batch of step S is a function of (seed, S) (LatentDataset.global_batch) and the objective's
 noise, times and label dropout come from a generator seeded by (seed, S, rank, micro step), so a run resumed
@@ -43,7 +44,7 @@ from storage import checkpoints as ckpts
 from storage import fs
 from storage.latent_dataset import LatentDataset
 from storage.layout import Root, RunLayout
-from storage.train_log import TrainLog, read_train_log
+from storage.train_log import TrainLog, loss_headline, read_train_log
 from tasks.config import PipelineConfig, TrainConfig, config_from_yaml_text
 from tasks.modeling import dit_config, init_from_pretrained, resume_config
 
@@ -172,19 +173,30 @@ def consolidated_weights(ckpt_url: str) -> dict[str, torch.Tensor]:
 
 
 def plot_loss_curve(layout: RunLayout, records: list[dict[str, Any]]) -> None:
-    """loss.png in the run directory: the loss terms against the step, log scale."""
+    """loss.png in the run directory against the step, log scale: the unweighted loss_v and loss_u (what
+    shows learning) on the left axis, the weighted loss the optimizer sees (near-constant under adaptive
+    weighting) on a right axis of its own, so its flat line does not read as a failed run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key in ("loss", "loss_v", "loss_u"):
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=100)
+    lines = []
+    for key in ("loss_v", "loss_u"):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
-            ax.plot(*zip(*points), label=key, linewidth=1)
-    ax.set(xlabel="step", ylabel="loss (batch mean)", yscale="log", title=layout.name)
-    ax.legend()
+            lines += ax.plot(*zip(*points), label=key, linewidth=1)
+    ax.set(xlabel="step", ylabel="unweighted loss (batch mean)", yscale="log", title=layout.name)
+    weighted = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    if weighted and lines:
+        right = ax.twinx()
+        lines += right.plot(*zip(*weighted), label="weighted loss (right)", color="0.6", linewidth=0.8)
+        right.set(ylabel="weighted loss")
+    elif weighted:  # an objective without named terms: its loss is the headline
+        lines += ax.plot(*zip(*weighted), label="loss", linewidth=1)
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], fontsize="small")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -298,6 +310,7 @@ class Trainer:
         self.barrier()
         if self.is_main:
             digests |= ckpts.write_weights(url, self.ema.state_dict(), asdict(self.model_cfg), self.config_yaml)
+            ckpts.write_deepspeed_files(url, deepspeed_config(self.t))  # stock zero_to_fp32 needs no --tag
             self.train_log.flush()
             plot_loss_curve(self.layout, self.train_log.records)
             ckpts.commit(url, step, extra={"trainer": state}, digests=digests)  # the marker, last
@@ -397,7 +410,7 @@ class Trainer:
             if self.is_main:
                 log = read_train_log(self.layout)
                 self.log(f"nothing to do: the run is at step {start} >= train.num_steps {t.num_steps}")
-                self.done(start, log[-1]["loss"] if log else None, 0.0, start)
+                self.done(start, log[-1] if log else None, 0.0, start)
             return
         import deepspeed
 
@@ -460,26 +473,30 @@ class Trainer:
         if self.is_main:
             if self.bar is not None:
                 self.bar.close()
-            self.done(t.num_steps, last.get("loss"), (t.num_steps - start) / (time.perf_counter() - t_start), start)
+            self.done(t.num_steps, last, (t.num_steps - start) / (time.perf_counter() - t_start), start)
 
     def format(self, r: dict[str, Any]) -> str:
         f = lambda key, spec: "n/a" if r[key] is None else format(r[key], spec)
+        left = (self.t.num_steps - r["step"]) * self.t.batch_size_global / max(r["images_per_s"], 1e-9)
         return (
-            f"step {r['step']}/{self.t.num_steps} loss {f('loss', '.5f')} loss_v {f('loss_v', '.5f')}"
-            f" loss_u {f('loss_u', '.5f')} grad_norm {f('grad_norm', '.4f')} lr {r['lr']:.3g}"
-            f" images/s {r['images_per_s']:.1f}"
+            f"step {r['step']}/{self.t.num_steps} ({100 * r['step'] / self.t.num_steps:.0f}%, about {left:.0f} s"
+            f" left) {loss_headline(r, 5)} grad_norm {f('grad_norm', '.4f')}"
+            f" lr {r['lr']:.3g} images/s {r['images_per_s']:.1f}"
         )
 
-    def done(self, step: int, final_loss: float | None, steps_per_s: float, resumed_from: int) -> None:
+    def done(self, step: int, last: dict[str, Any] | None, steps_per_s: float, resumed_from: int) -> None:
         latest = ckpts.latest(self.layout)
+        last = last or {}
         result = {
             "step": step,
-            "final_loss": final_loss,
+            "final_loss": last.get("loss"),  # weighted, as optimised
+            "final_loss_v": last.get("loss_v"),  # unweighted: what shows learning
+            "final_loss_u": last.get("loss_u"),
             "steps_per_s": steps_per_s,
             "resumed_from": resumed_from,
             "checkpoint_url": None if latest is None else self.layout.checkpoint(latest),
         }
-        self.log(f"training done at step {step}: final loss {final_loss}, {steps_per_s:.3f} steps/s this attempt")
+        self.log(f"training done at step {step}: {loss_headline(last)}, {steps_per_s:.3f} steps/s this attempt")
         print(f"{DONE_LINE} {json.dumps(result)}", flush=True)
 
 
