@@ -24,22 +24,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="call the training function directly: no flow run, no dumo.checkpoint.saved events",
     )
+    node = p.add_argument_group(
+        "one launcher per node (SLURM srun, a Kubernetes PyTorchJob): run this same command on every node, each "
+        "with its own --node-rank; torchrun's rendezvous meets at --master-addr:--master-port (node 0). Node 0 "
+        "runs the train flow (events), the others train without a flow run"
+    )
+    node.add_argument("--nnodes", type=int, metavar="N", help="nodes in the job (sets train.num_nodes)")
+    node.add_argument("--node-rank", type=int, default=0, metavar="K", help="this node's rank, 0..N-1 (default 0)")
+    node.add_argument("--master-addr", default="127.0.0.1", metavar="HOST", help="node 0's address")
+    node.add_argument("--master-port", type=int, default=29500, metavar="P", help="free TCP port on node 0")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
     import logging
+    from dataclasses import asdict
 
-    if args.no_prefect:
+    node, overrides = None, list(args.overrides)
+    if args.nnodes is not None:
+        from tasks.train import NodeLaunch
+
+        node = NodeLaunch(args.nnodes, args.node_rank, args.master_addr, args.master_port)
+        overrides += node.config_overrides()
+    if args.no_prefect or (node is not None and node.node_rank > 0):
         from tasks.config import load_config
         from tasks.train import train_run
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        result = train_run(load_config(args.config, args.overrides))
+        result = train_run(load_config(args.config, overrides), node=node)
     else:
         from flows.train import train_flow
 
-        result = train_flow(config=args.config, overrides=args.overrides)
+        node_args = None if node is None else asdict(node)
+        result = train_flow(config=args.config, overrides=overrides, node=node_args)
     print(json.dumps(result, indent=1))
     return 0
