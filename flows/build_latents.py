@@ -4,9 +4,13 @@
 
 The encode tasks run on a ``DaskTaskRunner``: a LocalCluster sized to this machine by default, or an
 existing cluster when ``dask_address`` is given (dask-jobqueue, dask-kubernetes, GPU workers...; give its
-workers the environment WORKER_MALLOC_ENV at start, or the encoder runs slower there). A complete store built with
-the same settings is left alone (the source is not listed again); a half-built one is resumed: shards with
-a record in the store hit the Prefect cache (or their record) and only the missing ones are encoded.
+workers the environment WORKER_MALLOC_ENV at start, or the encoder runs slower there). With
+``device="cuda"`` every encode task asks for one ``GPU`` resource (start GPU workers with
+``--resources GPU=1``), and each worker process loads its autoencoder once for all its tasks. The workers
+of either cluster report their task runs and logs to the API this flow reports to (docs/scaling.md).
+A complete store built with the same settings is left alone (the source is not listed again); a half-built
+one is resumed: shards with a record in the store hit the Prefect cache (or their record) and only the
+missing ones are encoded.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, Literal
 import dask
 from prefect import flow, get_client, get_run_logger
 from prefect.futures import as_completed
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
 from tasks.encode import encode_shard_for, finalize_store, plan_shards, prepare_store, store_status
@@ -26,6 +31,7 @@ from tasks.encode import encode_shard_for, finalize_store, plan_shards, prepare_
 AutoencoderName = Literal["pixels", "sd-vae"]
 LatentDtype = Literal["float16", "float32"]
 BadImagePolicy = Literal["fail", "skip"]
+Device = Literal["cpu", "cuda"]
 
 
 # Dask's nanny starts worker processes with MALLOC_TRIM_THRESHOLD_=65536. Setting any glibc threshold stops
@@ -43,6 +49,14 @@ def worker_malloc_config() -> contextlib.AbstractContextManager:
     return dask.config.set({"distributed.nanny.pre-spawn-environ": {**pre_spawn, **WORKER_MALLOC_ENV}})
 
 
+def flow_api_url() -> str | None:
+    """The HTTP URL of the Prefect API this process reports to (a server, a test harness, or the ephemeral
+    server a flow run without one starts), or None when there is none to hand over."""
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    return url if url.startswith("http") else None
+
+
 def worker_env() -> dict[str, str]:
     """``env`` for the worker processes of a LocalCluster (the flow's own, or one you start yourself).
     Worker processes must report to the API this flow reports to: under a configured server they inherit
@@ -50,9 +64,17 @@ def worker_env() -> dict[str, str]:
     this process's settings, so its URL is handed over, else each worker would start a server of its own."""
     if os.environ.get("PREFECT_API_URL"):
         return {}
-    with get_client(sync_client=True) as client:
-        url = str(client.api_url)
-    return {"PREFECT_API_URL": url} if url.startswith("http") else {}
+    url = flow_api_url()
+    return {"PREFECT_API_URL": url} if url else {}
+
+
+def reporting_to_flow_api() -> contextlib.AbstractContextManager:
+    """Settings under which tasks are submitted to an existing cluster: prefect-dask sends the submitting
+    context's settings along with each task, and the worker runs the task under them. Its own environment
+    names no API (started by dask-jobqueue, dask-kubernetes or by hand), so without this each worker
+    process would start a temporary server of its own and its task runs and logs would never be seen."""
+    url = flow_api_url()
+    return temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext()
 
 
 def dask_task_runner(
@@ -60,9 +82,12 @@ def dask_task_runner(
     dask_address: str | None = None,
     threads_per_worker: int = 1,
     processes: bool = True,
+    dashboard_address: str | None = None,
 ) -> DaskTaskRunner:
     """A runner on the cluster at ``dask_address``, else on a LocalCluster of ``workers`` workers (default:
-    one per ``threads_per_worker`` CPU cores of this machine)."""
+    one per ``threads_per_worker`` CPU cores of this machine) with its dashboard at ``dashboard_address``
+    (``:8787``, ``127.0.0.1:0`` for any free port; None: no dashboard, so that two builds on one machine
+    never collide on a port)."""
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     n = workers or max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
@@ -70,11 +95,24 @@ def dask_task_runner(
         "n_workers": n,
         "threads_per_worker": threads_per_worker,
         "processes": processes,
-        "dashboard_address": None,  # no dashboard on a fixed port: two builds on one machine must not collide
+        "dashboard_address": dashboard_address,
     }
+    if dashboard_address is None:
+        # LocalCluster's dashboard_address=None still starts the scheduler's HTTP server, with the dashboard
+        # whenever bokeh is installed, on :8787 (distributed 2026.8, Scheduler.start_http_server). Off means
+        # off: no dashboard, and the health/metrics server on a free loopback port, so builds never collide.
+        cluster_kwargs["scheduler_kwargs"] = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
     if processes:  # thread workers share this process's settings; only worker processes need telling
         cluster_kwargs["env"] = worker_env()
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
+
+
+def task_resources(device: Device | None, worker_resources: dict[str, float] | None) -> dict[str, float] | None:
+    """The Dask resources of one encode task: as given, else one ``GPU`` when encoding on cuda (so a worker
+    started with ``--resources GPU=1`` runs one encode at a time, and CPU-only workers run none)."""
+    if worker_resources is not None:
+        return worker_resources or None
+    return {"GPU": 1} if device == "cuda" else None
 
 
 def encode_shards(
@@ -83,10 +121,13 @@ def encode_shards(
     plan: dict[str, Any],
     on_bad_image: BadImagePolicy = "fail",
     batch_size: int | None = None,
+    device: Device | None = None,
+    worker_resources: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """One encode task per shard on ``runner`` (started), with progress as shards finish. Every shard runs
     to its end; then the failures, if any, are raised together. A plain function, not a subflow: a subflow's
-    parameters go to the Prefect API, and a plan lists every source file (1.28M for ImageNet)."""
+    parameters go to the Prefect API, and a plan lists every source file (1.28M for ImageNet).
+    ``worker_resources``: Dask resources each task holds while it runs (``{"GPU": 1}``: one task per GPU)."""
     logger = get_run_logger()
     store_url = prepared["store_url"]
     recorded = set(prepared["recorded"])
@@ -106,8 +147,11 @@ def encode_shards(
             source_url=plan["source_url"],
             files=shard["files"],
             batch_size=batch_size,
+            device=device,
         )
-        futures.append(runner.submit(task, parameters))
+        # prefect-dask takes no resources argument; Dask reads them from the annotations active at submit
+        with dask.annotate(resources=worker_resources) if worker_resources else contextlib.nullcontext():
+            futures.append(runner.submit(task, parameters))
     total_rows, num_shards = plan["num_rows"], len(futures)
     t0 = time.perf_counter()
     done_rows = encoded_rows = 0
@@ -149,6 +193,9 @@ def build_latents(
     threads_per_worker: int = 1,
     processes: bool = True,
     batch_size: int | None = None,
+    device: Device | None = None,
+    worker_resources: dict[str, float] | None = None,
+    dashboard_address: str | None = None,
 ) -> dict[str, Any]:
     """Encode the class-folder image tree at ``source`` into the latent store at ``store``.
 
@@ -160,6 +207,9 @@ def build_latents(
         latent_dtype: of the stored mean and std. on_bad_image: ``fail`` the shard, or ``skip`` and list it.
         workers, threads_per_worker, processes: the LocalCluster; dask_address: use that cluster instead.
         batch_size: images per autoencoder call (default: the autoencoder's).
+        device: where the autoencoder runs (default: cuda when the worker sees one). worker_resources: Dask
+            resources per encode task; default ``{"GPU": 1}`` with device cuda, else none.
+        dashboard_address: the LocalCluster's Dask dashboard (``:8787``; None: none).
 
     Returns a summary: the store URL, rows, shards encoded in this run, skipped files, seconds.
     """
@@ -189,8 +239,11 @@ def build_latents(
     plan = plan_shards(source, shard_size)
     ae = {"name": autoencoder, "vae": vae}
     prepared = prepare_store(store, plan, ae, resolution, latent_dtype, shard_size)
-    with worker_malloc_config(), dask_task_runner(workers, dask_address, threads_per_worker, processes) as runner:
-        results = encode_shards(runner, prepared, plan, on_bad_image, batch_size)
+    worker_resources = task_resources(device, worker_resources)
+    runner = dask_task_runner(workers, dask_address, threads_per_worker, processes, dashboard_address)
+    reporting = reporting_to_flow_api() if dask_address else contextlib.nullcontext()
+    with worker_malloc_config(), runner, reporting:  # prefect-dask logs the dashboard's link when there is one
+        results = encode_shards(runner, prepared, plan, on_bad_image, batch_size, device, worker_resources)
     report = finalize_store(store)
     seconds = time.perf_counter() - t0
     encoded = sum(1 for r in results if r["encoded"] and not r["cached"])

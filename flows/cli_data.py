@@ -57,6 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="scheduler address of an existing Dask cluster to use instead of a local one",
     )
     p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="where the autoencoder runs (default: cuda when a worker sees one); cuda makes each encode task "
+        "take one GPU resource: start GPU workers with `dask worker ADDRESS --resources GPU=1`",
+    )
+    p.add_argument(
+        "--dashboard-address",
+        metavar="HOST:PORT",
+        help="serve the local cluster's Dask dashboard there (e.g. :8787, or 127.0.0.1:0 for a free port); "
+        "default: no dashboard",
+    )
+    p.add_argument(
         "--on-bad-image",
         choices=["fail", "skip"],
         default="fail",
@@ -114,6 +126,8 @@ def run_build_latents(args: argparse.Namespace) -> int:
         dask_address=args.dask_address,
         threads_per_worker=args.threads_per_worker,
         batch_size=args.batch_size,
+        device=args.device,
+        dashboard_address=args.dashboard_address,
     )
     print(json.dumps(summary, indent=1))
     return 0

@@ -35,6 +35,8 @@ def build_store(cfg: PipelineConfig) -> dict[str, Any]:
         on_bad_image=d.on_bad_image,
         workers=d.workers,
         dask_address=d.dask_address,
+        device=d.device,
+        dashboard_address=d.dask_dashboard,
     )
 
 

@@ -34,8 +34,9 @@ AUTOENCODERS: tuple[str, ...] = ("pixels", "sd-vae")
 SD_VAE_LATENT_SCALE = 0.18215
 _VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
-# Rows encoded by this process, for progress and for tests that check a re-run encodes nothing.
-ENCODE_STATS = {"calls": 0, "images": 0}
+# Rows encoded and models loaded by this process, for progress and for tests that check a re-run encodes
+# nothing and that a worker process loads its autoencoder once for all its tasks.
+ENCODE_STATS = {"calls": 0, "images": 0, "loads": 0}
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str | None, str], Autoencoder] = {}
 _DIGESTS: dict[tuple[str, int, float], str] = {}
@@ -203,6 +204,7 @@ def get_autoencoder(spec: AutoencoderSpec, device: str | torch.device | None = N
     with _LOCK:  # threads of one Dask worker share the model
         if key not in _MODELS:
             _MODELS[key] = PixelsAutoencoder() if spec.name == "pixels" else SDVAE(spec.vae or "", dev)
+            ENCODE_STATS["loads"] += 1
         return _MODELS[key]
 
 
@@ -225,13 +227,14 @@ def encode_files(
     first_row: int,
     on_bad_image: Literal["fail", "skip"] = "fail",
     batch_size: int | None = None,
+    device: str | None = None,
 ) -> EncodedRows:
     """Load, crop and encode ``files`` (rows ``first_row`` onwards), each image and its mirror image.
 
     A bad file raises BadImageError naming it, or with ``on_bad_image="skip"`` becomes a row of zeros with
     label -1 listed in ``skipped``.
     """
-    ae = get_autoencoder(spec)
+    ae = get_autoencoder(spec, device)
     rows = len(files)
     mean = np.zeros((rows, 2, *info.latent_shape), dtype=np.float32)
     std = np.zeros_like(mean)
@@ -281,10 +284,12 @@ def encode_shard(
     on_bad_image: Literal["fail", "skip"] = "fail",
     batch_size: int | None = None,
     extra: dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """The stage function of one encode task: encode ``files`` (the shard's rows, in order) with the crop,
     channels and latent geometry that the store's attributes name, write them as the whole shard
-    ``shard_index``, then its record (with ``extra``, the encode time, host and pid). Safe to redo."""
+    ``shard_index``, then its record (with ``extra``, the encode time, host, pid and how many autoencoders
+    this process has loaded so far). ``device``: cpu or cuda (default: cuda when visible). Safe to redo."""
     t0 = time.perf_counter()
     info = latents.open_store(store_url)
     start, stop = info.shard_rows(shard_index)
@@ -298,13 +303,14 @@ def encode_shard(
         image_channels=int(info.attrs["image_channels"]),
     )
     rows = encode_files(
-        source_url, files, spec, ae_info, int(info.attrs["resolution"]), start, on_bad_image, batch_size
+        source_url, files, spec, ae_info, int(info.attrs["resolution"]), start, on_bad_image, batch_size, device
     )
     facts = {
         "encode_seconds": round(time.perf_counter() - t0, 3),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "conversions": rows.conversions or {},
+        "autoencoder_loads": ENCODE_STATS["loads"],  # 1 on every shard of a worker that kept its model
     }
     return latents.write_shard(
         store_url, shard_index, rows.mean, rows.std, rows.label, rows.source, rows.skipped, {**(extra or {}), **facts}

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import zarr
 
+from storage.latent_stream import ShardStream
 from storage.latents import StoreError, StoreInfo, parse_records, read_shard, zarr_store
 
 IN_MEMORY_AUTO_BYTES = 2 * 1024**3  # 'auto' loads stores up to this size (mean + std) into memory
@@ -84,9 +85,13 @@ class LatentDataset(torch.utils.data.Dataset):
         rank, world_size: the defaults for ``__iter__``/``__getitem__``/``batches``; ``global_batch`` takes
             its own.
         seed: the seed of every permutation, noise and flip.
-        in_memory: True loads mean, std and labels into memory (fast random access); False reads each batch
-            from the store; "auto" loads stores up to IN_MEMORY_AUTO_BYTES.
+        in_memory: True loads mean, std and labels into memory (fast random access); False streams whole
+            shards through a node-local cache (storage.latent_stream), fetching those of the next
+            ``prefetch_steps`` global batches in the background; "auto" loads stores up to IN_MEMORY_AUTO_BYTES.
         flip: False always uses the original (axis 1 = 0), for evaluation.
+        cache_dir: the streaming cache (default: $DUMO_CACHE_DIR/<store id>, else under the temp dir).
+        stream: False reads each batch's rows from the store with zarr instead (no local disk used; slow:
+            one read per inner chunk, see storage/latent_stream.py).
     """
 
     def __init__(
@@ -97,6 +102,9 @@ class LatentDataset(torch.utils.data.Dataset):
         seed: int = 0,
         in_memory: bool | Literal["auto"] = "auto",
         flip: bool = True,
+        cache_dir: str | None = None,
+        prefetch_steps: int = 4,
+        stream: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
@@ -126,6 +134,11 @@ class LatentDataset(torch.utils.data.Dataset):
         self._rows = np.flatnonzero(labels >= 0)  # usable store rows, in store order
         self._perm: tuple[int, np.ndarray] = (-1, self._rows)
         self._labels = labels.astype(np.int64)
+        self.prefetch_steps = prefetch_steps
+        # the stream checks each shard's checksum when it first reads it (once per node)
+        self.stream = (
+            ShardStream(url, self.info, cache_dir, records=self._records) if stream and not self.in_memory else None
+        )
 
     def _checked(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out = read_shard(self._group, self.info, index, self._records[index])
@@ -157,6 +170,8 @@ class LatentDataset(torch.utils.data.Dataset):
             flips[:] = 0
         if self.in_memory:
             mean, std = self._mean[rows, flips], self._std[rows, flips]
+        elif self.stream is not None:
+            mean, std = self.stream.gather(rows, flips)
         else:  # zarr reads sorted rows fastest (both flips come along); undo the sort afterwards
             for index in np.unique(rows // self.info.shard_size).tolist():
                 if index not in self._verified:  # first touch: the whole shard is read once and checked
@@ -187,7 +202,16 @@ class LatentDataset(torch.utils.data.Dataset):
         epoch, b = divmod(step, steps)
         per_rank = batch_size_global // world_size
         lo = b * batch_size_global + rank * per_rank
-        return self.samples(self.permutation(epoch)[lo : lo + per_rank], epoch)
+        perm = self.permutation(epoch)
+        if self.stream is not None:  # this rank's rows of the next steps of this epoch, fetched meanwhile
+            ahead = [
+                perm[lo + k * batch_size_global : lo + k * batch_size_global + per_rank]
+                for k in range(1, 1 + self.prefetch_steps)
+                if b + k < steps
+            ]
+            if ahead:
+                self.stream.prefetch(np.concatenate(ahead))
+        return self.samples(perm[lo : lo + per_rank], epoch)
 
     def batches(self, batch_size_global: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This dataset's rank's batches from global step ``start_step`` on, forever (epochs roll over)."""

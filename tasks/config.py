@@ -77,6 +77,8 @@ class DataConfig(Section):
     on_bad_image: Literal["fail", "skip"] = "fail"
     workers: int | None = Field(None, ge=1)  # Dask workers of the LocalCluster; None = sized to the machine
     dask_address: str | None = None  # an existing Dask scheduler instead of a LocalCluster
+    device: Literal["cpu", "cuda"] | None = None  # of the autoencoder; cuda: each encode task takes 1 GPU resource
+    dask_dashboard: str | None = None  # the LocalCluster's dashboard address (":8787"); None: no dashboard
     in_memory: Literal["auto", True, False] = "auto"  # reader keeps the whole store in memory
     # Train on the stored horizontal flips too (ImageNet, the lineage's habit). Off for data whose mirror
     # image is another thing: a mirrored digit is not a digit.
@@ -140,7 +142,7 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, ge=1)
     num_processes: int = Field(1, ge=1)  # ranks per node
     num_nodes: int = Field(1, ge=1)
-    hostfile: str | None = None  # multi-node through the deepspeed launcher
+    hostfile: str | None = None  # multi-node through the deepspeed launcher (else launcher torchrun per node)
     launcher: Literal["auto", "inline", "torchrun", "deepspeed"] = "auto"
     device: Literal["cpu", "cuda"] = "cpu"
     zero_stage: int = Field(2, ge=0, le=3)
@@ -180,8 +182,11 @@ class TrainConfig(Section):
                 f"global batch {self.batch_size_global} != micro {micro} x accumulation {acc} x world {world}"
                 f" ({self.num_processes} processes x {self.num_nodes} nodes) = {micro * acc * world}"
             )
-        if self.num_nodes > 1 and not self.hostfile:
-            raise ValueError(f"train.num_nodes={self.num_nodes} needs train.hostfile for the deepspeed launcher")
+        if self.num_nodes > 1 and not self.hostfile and self.launcher != "torchrun":
+            raise ValueError(
+                f"train.num_nodes={self.num_nodes} needs train.hostfile for the deepspeed launcher, or one launcher"
+                " per node: dumo train --nnodes N --node-rank K --master-addr HOST --master-port P"
+            )
         if self.precision == "bf16" and self.device == "cpu" and self.zero_stage == 3:
             raise ValueError("bf16 with ZeRO-3 on the CPU is not supported; use fp32 or ZeRO 0-2")
         return self

@@ -152,7 +152,7 @@ def prepare_store(
 @task(
     name="encode-shard",
     # Exclusions go on INPUTS itself: a compound policy's "-" adds a second Inputs policy beside the first.
-    cache_policy=(INPUTS - "files" - "source_url" - "batch_size") + TASK_SOURCE,
+    cache_policy=(INPUTS - "files" - "source_url" - "batch_size" - "device") + TASK_SOURCE,
     persist_result=True,
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -170,11 +170,13 @@ def encode_shard(
     source_url: str,
     files: list[list[Any]],
     batch_size: int | None = None,
+    device: Literal["cpu", "cuda"] | None = None,
 ) -> dict[str, Any]:
     """Encode one shard's images and write them as one whole Zarr shard, then its record. Returns a small
     dict. The cache key is the rest of the inputs: ``store_id`` (a recreated store is a new one),
-    ``autoencoder_identity`` and ``preprocessing`` are there for it alone; ``files``, ``source_url`` and
-    ``batch_size`` are left out: the fingerprint stands for the files, the batch size changes nothing."""
+    ``autoencoder_identity`` and ``preprocessing`` are there for it alone; ``files``, ``source_url``,
+    ``batch_size`` and ``device`` are left out: the fingerprint stands for the files, and the other two
+    change how a shard is encoded, not which one."""
     record = latents.shard_record(store_url, shard_index)
     if record and record.get("source_fingerprint") == shard_fingerprint:
         # written by an earlier run whose cached result is gone: the record is the proof
@@ -183,7 +185,7 @@ def encode_shard(
     spec = AutoencoderSpec(**autoencoder)
     extra = {"source_fingerprint": shard_fingerprint}
     record = autoencoders.encode_shard(
-        store_url, shard_index, source_url, image_files, spec, on_bad_image, batch_size, extra
+        store_url, shard_index, source_url, image_files, spec, on_bad_image, batch_size, extra, device
     )
     logger = get_run_logger()
     for s in record["skipped"]:

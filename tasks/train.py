@@ -4,8 +4,10 @@
                                            "final_loss_u", "steps_per_s"}
 
 Launchers (``train.launcher``; ``auto`` picks by size): ``inline`` one process with RANK/WORLD_SIZE/...
-set, no launcher; ``torchrun`` N processes on this machine; ``deepspeed`` the deepspeed launcher, the only
-one for ``num_nodes > 1`` (hosts from ``train.hostfile``, reached by ssh/pdsh). Every check that can fail
+set, no launcher; ``torchrun`` N processes on this machine, or on each node of a multi-node job when
+``train_run`` is given a ``NodeLaunch`` (one launcher per node, as SLURM's ``srun`` or a Kubernetes
+PyTorchJob starts them; torchrun's static rendezvous at the master address); ``deepspeed`` the deepspeed
+launcher (hosts from ``train.hostfile``, reached by ssh/pdsh). Every check that can fail
 runs before any process starts. Running the same config again resumes from the newest committed checkpoint.
 After each commit, ``on_checkpoint(url, step)`` is called and, when a Prefect API is reachable, the event
 ``dumo.checkpoint.saved`` is emitted. Prefect is imported inside functions: ``train_run`` needs no server.
@@ -28,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,27 @@ PROJECT_DIR = str(Path(__file__).resolve().parent.parent)
 FORWARDED_ENV_PREFIXES = ("DUMO_", "DS_ACCELERATOR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 
+@dataclass(frozen=True)
+class NodeLaunch:
+    """This machine's place in a job started once per node: torchrun's ``--nnodes``, ``--node-rank``,
+    ``--master-addr`` and ``--master-port`` (the rendezvous, on node 0). Every node runs the same config."""
+
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node rank {self.node_rank} not in [0, nnodes={self.nnodes})")
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"master port {self.master_port} is not a TCP port")
+
+    def config_overrides(self) -> list[str]:
+        """What this launch means for the run's config (the same on every node)."""
+        return [f"train.num_nodes={self.nnodes}", "train.launcher=torchrun"]
+
+
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
     """Re-validate (a model_copy skips validation) and make the root absolute, as written in the run."""
     data = cfg.model_dump(mode="json")
@@ -57,7 +80,7 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
     return PipelineConfig.model_validate(data)
 
 
-def preflight(cfg: PipelineConfig) -> dict[str, Any]:
+def preflight(cfg: PipelineConfig, node: NodeLaunch | None = None) -> dict[str, Any]:
     """Everything that can be checked before a process starts; raises ValueError (or StoreError) in words."""
     t = cfg.train
     store_url = Root(cfg.root).latent_store(cfg.data.store_name)
@@ -76,12 +99,19 @@ def preflight(cfg: PipelineConfig) -> dict[str, Any]:
 
         if not torch.cuda.is_available():
             raise ValueError("train.device is cuda but no CUDA device is visible")
-    if t.num_nodes > 1 and not os.path.isfile(t.hostfile or ""):
-        raise ValueError(f"train.hostfile {t.hostfile!r} does not exist (needed for {t.num_nodes} nodes)")
+    if node is not None and (node.nnodes != t.num_nodes or t.launcher != "torchrun"):
+        raise ValueError(
+            f"--nnodes {node.nnodes} needs train.num_nodes={node.nnodes} and train.launcher=torchrun, the config"
+            f" has {t.num_nodes} and {t.launcher} (NodeLaunch.config_overrides gives them)"
+        )
+    if node is None and t.num_nodes > 1 and not os.path.isfile(t.hostfile or ""):
+        raise ValueError(
+            f"train.hostfile {t.hostfile!r} does not exist (needed for {t.num_nodes} nodes through the deepspeed"
+            " launcher); or start one launcher per node: dumo train --nnodes N --node-rank K --master-addr HOST"
+            " --master-port P"
+        )
     if t.launcher == "inline" and t.world_size > 1:
         raise ValueError(f"launcher inline runs 1 process; world size is {t.world_size}: use torchrun or auto")
-    if t.launcher == "torchrun" and t.num_nodes > 1:
-        raise ValueError("launcher torchrun is for one machine here; num_nodes > 1 needs the deepspeed launcher")
     run = Root(cfg.root).run(cfg.name)
     step = ckpts.latest(run)
     if step is not None:  # the worker checks again; failing here saves starting N processes for nothing
@@ -101,10 +131,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(cfg: PipelineConfig, port: int, env_file: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) of the launcher for ``cfg``."""
+def launch_command(
+    cfg: PipelineConfig, port: int, env_file: str | None = None, node: NodeLaunch | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) of the launcher for ``cfg`` (on this node of ``node``'s job)."""
     t = cfg.train
     worker = ["-m", "tasks.train_worker", cfg.root, cfg.name]
+    if node is not None:  # torchrun's static rendezvous: global ranks in node-rank order, rank 0 on node 0
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(node.nnodes)]
+        argv += ["--node_rank", str(node.node_rank), "--nproc_per_node", str(t.num_processes)]
+        return [*argv, "--master_addr", node.master_addr, "--master_port", str(node.master_port), *worker], {}
     launcher = t.launcher
     if launcher == "auto":
         launcher = "deepspeed" if t.num_nodes > 1 else "inline" if t.world_size == 1 else "torchrun"
@@ -178,11 +214,15 @@ def _failure(code: int, err_dir: str, tail: deque) -> RuntimeError:
     return RuntimeError(f"training failed ({how}); last output:\n" + "\n".join(tail))
 
 
-def train_run(cfg: PipelineConfig, on_checkpoint: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Train ``cfg`` (resuming from its newest committed checkpoint) and return where it got to."""
+def train_run(
+    cfg: PipelineConfig, on_checkpoint: Callable[[str, int], None] | None = None, node: NodeLaunch | None = None
+) -> dict[str, Any]:
+    """Train ``cfg`` (resuming from its newest committed checkpoint) and return where it got to. With
+    ``node``, this is one node's launcher of a multi-node job; every node returns when the job ends (rank 0,
+    on node 0, reports the loss and speed; the other nodes return the run's newest checkpoint)."""
     log = _logger()
     cfg = resolve(cfg)
-    facts = preflight(cfg)
+    facts = preflight(cfg, node)
     run: RunLayout = Root(cfg.root).run(cfg.name)
     fs.write_text(run.config, cfg.to_yaml())
     t = cfg.train
@@ -192,7 +232,7 @@ def train_run(cfg: PipelineConfig, on_checkpoint: Callable[[str, int], None] | N
     )
     tmp = tempfile.mkdtemp(prefix="dumo-train-")
     try:
-        done = _launch(cfg, tmp, on_checkpoint, log)
+        done = _launch(cfg, tmp, on_checkpoint, log, node)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
@@ -206,7 +246,13 @@ def train_run(cfg: PipelineConfig, on_checkpoint: Callable[[str, int], None] | N
     }
 
 
-def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], None] | None, log: Any) -> dict:
+def _launch(
+    cfg: PipelineConfig,
+    tmp: str,
+    on_checkpoint: Callable[[str, int], None] | None,
+    log: Any,
+    node: NodeLaunch | None = None,
+) -> dict:
     """Start the launcher in a process group of its own, follow its output, return the DUMO_DONE record."""
     t = cfg.train
     err_dir = os.path.join(tmp, "errors")
@@ -215,13 +261,15 @@ def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], N
     # The ranks' stderr is this pipe: a tqdm bar there is one log line per refresh (256 INFO lines in one
     # run). Their "step N/M ..." lines, every train.log_every steps, are the progress instead.
     env["DUMO_NO_PROGRESS"] = "1"
+    if node is not None and "DUMO_STAGING_DIR" not in env:  # node-local scratch: two "nodes" may share a host
+        env["DUMO_STAGING_DIR"] = os.path.join(tmp, "staging")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_DIR, env.get("PYTHONPATH")) if p)
     env_file = None
     if t.launcher == "deepspeed" or t.num_nodes > 1:  # what pdsh carries to the other nodes
         env_file = os.path.join(tmp, "deepspeed_env")
         with open(env_file, "w") as f:
             f.writelines(f"{k}={v}\n" for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES))
-    argv, extra = launch_command(cfg, free_port(), env_file)
+    argv, extra = launch_command(cfg, free_port(), env_file, node)
     env.update(extra)
     log.info("launching: " + " ".join(argv))
     proc = subprocess.Popen(
@@ -271,16 +319,20 @@ def _launch(cfg: PipelineConfig, tmp: str, on_checkpoint: Callable[[str, int], N
                 proc.wait()
     if code != 0:
         raise _failure(code, err_dir, tail)
+    if done is None and node is not None and node.node_rank > 0:  # rank 0 reports, on node 0
+        latest = ckpts.latest(Root(cfg.root).run(cfg.name))
+        url = None if latest is None else Root(cfg.root).run(cfg.name).checkpoint(latest)
+        return {"step": latest, "final_loss": None, "steps_per_s": None, "checkpoint_url": url}
     if done is None:
         raise RuntimeError("the ranks exited without a DUMO_DONE line; last output:\n" + "\n".join(tail))
     return done
 
 
 @task(name="train", retries=0, cache_policy=NO_CACHE)
-def train_task(cfg: PipelineConfig) -> dict[str, Any]:
+def train_task(cfg: PipelineConfig, node: NodeLaunch | None = None) -> dict[str, Any]:
     """Prefect task over ``train_run``. No retries: training resumes by itself when run again. The loss curve
     is published as an artifact the UI shows."""
-    result = train_run(cfg)
+    result = train_run(cfg, node=node)
     publish_loss_curve(cfg)
     return result
 

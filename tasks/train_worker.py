@@ -12,7 +12,9 @@ Exact resume: the batch of step S is a function of (seed, S) (LatentDataset.glob
 noise, times and label dropout come from a generator seeded by (seed, S, rank, micro step), so a run resumed
 at S sees what an uninterrupted one saw. Environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
 (set by tasks.train, torchrun or the deepspeed launcher); DUMO_STAGING_DIR (node-local scratch, default under
-the temp dir); DUMO_ERROR_DIR (a failing rank writes its traceback there); DUMO_NO_PROGRESS (no tqdm bar).
+the temp dir); DUMO_ERROR_DIR (a failing rank writes its traceback there); DUMO_NO_PROGRESS (no tqdm bar);
+DUMO_BATCH_TRACE (a directory: each rank saves the batch it trains on at each step there, for tests that
+check which batches a resumed or re-sized run saw; small runs only).
 """
 
 from __future__ import annotations
@@ -439,10 +441,14 @@ class Trainer:
         self.nonfinite_steps: list[int] = []
         t_start = t_window = time.perf_counter()
         last: dict[str, Any] = {}
+        trace = os.environ.get("DUMO_BATCH_TRACE")
         for step in range(start, t.num_steps):
             x, y = future.result()
             if step + 1 < t.num_steps:
                 future = pool.submit(batch, step + 1)
+            if trace:
+                name = f"step-{step:07d}-rank-{env.rank}-of-{env.world_size}.npz"
+                np.savez(os.path.join(trace, name), x=x.numpy(), y=y.numpy())
             lr = self.sched.get_last_lr()[0]  # the rate this step uses (the step advances the schedule)
             losses, grad_norm = self.train_step(step, x.to(self.device), y.to(self.device))
             self.update_ema()
