@@ -115,4 +115,8 @@ def test_repair_refuses_a_source_that_changed(store, capsys) -> None:
     with open(victim, "ab") as f:
         f.write(b"\0")  # a file that is no longer the one encoded
     with pytest.raises(latents.StoreError, match="not the ones .* was built from"):
-        cli(["verify-store", store, "--repair"])
+        cli(["verify-store", store, "--repair", "--debug"])  # --debug: the exception itself
+    capsys.readouterr()
+    assert cli(["verify-store", store, "--repair"]) == 1  # what a user sees: one line naming the cause
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "not the ones" in err[0], err

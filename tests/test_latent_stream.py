@@ -6,11 +6,13 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 from storage import latents
 from storage.fs import filesystem
 from storage.latent_dataset import LatentDataset
+from storage.latents import StoreCorruptError
 from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 
 NUM_ROWS, SHARD, SHAPE = 300, 64, (4, 4, 4)  # 5 shards, the last one short
@@ -70,10 +72,12 @@ def test_streaming_is_the_in_memory_reader_bit_for_bit(s3_bucket: str, tmp_path)
         assert torch.equal(x0, x1) and torch.equal(y0, y1), f"resumed at step {step}"
     assert resumed.stream.shards_read == 0
 
-    # another node (an empty cache of its own) reads the store, which now has only fill values to give
+    # another node (an empty cache of its own) reads the store, which now has only fill values to give: the
+    # shard's checksum refuses them before anything is trained on
     other = LatentDataset(store, seed=3, in_memory=False, cache_dir=str(tmp_path / "other-node"))
-    assert not torch.equal(other.global_batch(0, batch)[0], memory.global_batch(0, batch)[0])
-    assert other.stream.shards_read >= 1
+    with pytest.raises(StoreCorruptError, match=r"shard \d+ .*checksum"):
+        other.global_batch(0, batch)
+    assert other.stream.shards_read == 0
 
 
 def test_ranks_of_a_node_share_one_read_per_shard(tmp_path) -> None:
