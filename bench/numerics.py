@@ -275,8 +275,7 @@ def main() -> int:
     if args.config:
         return check_preset(args.config, args.depth, args.batch)
 
-    from storage import checkpoints
-    from tasks.modeling import model_from_dict
+    from tasks.evaluate import _load_model
 
     rows: list[dict] = []
     cost: list[dict] = []
@@ -287,9 +286,7 @@ def main() -> int:
         url = f"{url}/{steps[-1]}" if steps else url
     demo = build_model("debug", hidden_size=128, depth=4, num_heads=4, time_scale=1.0)  # configs/demo.yaml's
     if "demo" in args.parts:
-        model_cfg, state = checkpoints.load_weights(url)
-        demo = model_from_dict(model_cfg)
-        demo.load_state_dict(state)
+        demo = _load_model(url, torch.device("cpu"))  # the EMA weights, as evaluation loads them
     if "demo" in args.parts:
         rows += measure(f"demo trained ({Path(url).name})", demo, 64)
         for ts in (1.0, 1000.0):

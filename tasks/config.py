@@ -38,22 +38,23 @@ def check_u_target_numerics(objective: ObjectiveConfig, precision: str, time_sca
                 " partitioned weights break; use train.zero_stage=2 (or 0/1)"
             )
         return
-    way_out = "use objective.derivative=jvp (within 1.2% in bf16, exact in fp32)"
+    way_out = "use objective.derivative=jvp (within 1.3% in bf16, exact in fp32)"
     if precision == "bf16":
         raise ValueError(
-            "objective.derivative finite_difference on bf16 outputs is 5.6-330% off in its derivative term"
+            "objective.derivative finite_difference on bf16 outputs is 5.0-378% off in its derivative term"
             f" (bench/numerics.py, eps 0.001-0.05); {way_out}"
         )
     if time_scale != 1.0:
         raise ValueError(
-            f"objective.derivative finite_difference at model.time_scale {time_scale:g} is 10-116% off in its"
+            f"objective.derivative finite_difference at model.time_scale {time_scale:g} is 11-119% off in its"
             f" derivative term (bench/numerics.py at 1000, fp32, eps 0.001-0.05); {way_out} or set"
             " model.time_scale=1"
         )
-    if objective.fd_eps > (0.05 if objective.fd_scheme == "central" else 0.02):
+    if objective.fd_eps > (0.05 if objective.fd_scheme == "central" else 0.005):
         raise ValueError(
             f"objective.fd_eps {objective.fd_eps:g} ({objective.fd_scheme} difference) is above the largest eps"
-            " measured within 5% (0.05 central, 0.02 forward; bench/numerics.py); use fd_eps=0.005"
+            " measured within 5% on the trained demo (central 0.05: 4.4%; forward 0.005: 1.7%, 0.02: 6.6%;"
+            " bench/numerics.py); use fd_eps=0.005"
         )
 
 
