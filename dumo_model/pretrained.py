@@ -24,7 +24,7 @@ nothing at step 0) and the u head starts as a copy of the v head, or at zero.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -236,4 +236,4 @@ def init_from_released(
     if v_head == "zero":
         zeroed.append("head_v" if model.head_v is not None else "head_u")
     model.load_state_dict(full, strict=True)
-    return InitReport(**{**report.__dict__, "u_head": u_how, "zeroed": tuple(zeroed)})
+    return replace(report, u_head=u_how, zeroed=tuple(zeroed))
