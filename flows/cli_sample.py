@@ -4,9 +4,6 @@ loads with ``DualHeadDiT.from_pretrained``. Single-process library calls: no Pre
 from __future__ import annotations
 
 import argparse
-import sys
-
-EXPECTED = (FileNotFoundError, ValueError, PermissionError)  # bad input: one line, not a traceback
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,43 +56,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_export)
 
 
-def _fail(command: str, exc: Exception) -> int:
-    print(f"dumo {command}: {exc}", file=sys.stderr)
-    return 2
-
-
 def run_sample(args: argparse.Namespace) -> int:
-    import logging
-
+    # A mistake (ValueError, a missing file or autoencoder) is reported in one line by flows.cli.main.
     from dumo_model.samplers import SamplerConfig
-    from storage.autoencoders import AutoencoderUnavailable
+    from flows.cli_setup import plain_logging
     from tasks.sample import SampleRequest, sample_checkpoint
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        classes = None if not args.classes else tuple(int(c) for c in args.classes.split(","))
-        if args.per_class < 1:
-            raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-        sampler = SamplerConfig(args.sampler, num_steps=args.steps, t_mid=args.t_mid, cfg_scale=args.cfg_scale)
-        request = SampleRequest(classes, args.per_class, args.seed, sampler, args.weights, args.batch_size, args.vae)
-        result = sample_checkpoint(args.checkpoint_url, request, args.out, args.device)
-    except (*EXPECTED, AutoencoderUnavailable) as exc:
-        return _fail("sample", exc)
+    plain_logging()
+    classes = None if not args.classes else tuple(int(c) for c in args.classes.split(","))
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    sampler = SamplerConfig(args.sampler, num_steps=args.steps, t_mid=args.t_mid, cfg_scale=args.cfg_scale)
+    request = SampleRequest(classes, args.per_class, args.seed, sampler, args.weights, args.batch_size, args.vae)
+    result = sample_checkpoint(args.checkpoint_url, request, args.out, args.device)
     png, npz = (u.removeprefix("file://") for u in (result["png"], result["npz"]))
     print(f"{result['num_images']} images: {png} {npz}")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import logging
-
+    from flows.cli_setup import plain_logging
     from tasks.export import export_checkpoint
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = export_checkpoint(args.checkpoint_url, args.out_dir, args.weights, args.drop_v_head)
-    except EXPECTED as exc:
-        return _fail("export", exc)
+    plain_logging()
+    result = export_checkpoint(args.checkpoint_url, args.out_dir, args.weights, args.drop_v_head)
     files = " ".join(u.removeprefix("file://") for u in result["files"])
     print(f"{result['num_parameters']:,d} parameters exported: {files}")
     return 0
