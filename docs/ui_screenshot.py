@@ -5,7 +5,8 @@ it, and photograph the flow run's artifacts with headless Chromium (Debian's ``c
 
 Not part of ``make test``: it needs Chromium and takes the demo's few minutes. Everything (server state, demo
 root) lives in a temporary directory that is removed afterwards; the server is stopped by PID. Writes the
-flow run's Artifacts tab to ``--out`` and the sample-grid artifact alone beside it (``-grid.png``).
+flow run's page to ``--out`` (3.8.8's UI opens it on its Logs tab whatever the ``tab`` query says) and the
+sample-grid artifact, rendered, beside it (``-grid.png``).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class Progress:
         elapsed = self.clock() - self.t0
         pct = 100.0 * self.done / self.total if self.total else 100.0
         text = f"{self.what}: {self.done}/{self.total} {self.unit}s ({pct:.0f}%, {_duration(elapsed)}"
-        if 0 < self.done < self.total and elapsed > 0:
+        if 0.05 * self.total <= self.done < self.total and elapsed > 0:  # earlier, set-up time skews it
             text += f", about {_duration(elapsed * (self.total - self.done) / self.done)} left"
         return text + ")"
 

@@ -177,24 +177,3 @@ def test_pictures_reach_the_ui_embedded_in_markdown_artifacts() -> None:
     assert data is not None
     shown = Image.open(io.BytesIO(base64.b64decode(data[1])))
     assert shown.size == (MAX_WIDTH_PX, 150) and shown.getpixel((5, 5))[:3] == (10, 200, 30)
-
-
-@pytest.mark.usefixtures("prefect_harness")
-def test_an_expected_error_inside_a_flow_reaches_the_console_without_its_traceback(capfd) -> None:
-    from prefect import flow, task
-
-    from flows.cli_errors import quiet_prefect_tracebacks
-
-    @task(name="refuse")
-    def refuse() -> None:
-        raise ValueError("bad input in a task: give X")
-
-    @flow(name="refusing-flow")
-    def refusing() -> None:
-        refuse()
-
-    quiet_prefect_tracebacks()
-    with pytest.raises(ValueError, match="give X"):
-        refusing()
-    err = capfd.readouterr().err
-    assert "bad input in a task: give X" in err and "Traceback" not in err
