@@ -34,8 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "compare",
         help="equal-budget ablation: flow_matching vs meanflow vs dumo on one store, table and plot",
-        description="Train every arm of the config's `compare` section (same store, backbone, seed, batch and "
-        "steps; the resolved configs are checked to differ only in objective, seed and steps), evaluate each "
+        description="Train every arm of the config's `compare` section (same store, backbone, batch and optimiser; "
+        "budgets in steps, compare.budgets, or in forward-equivalent passes, compare.compute_budgets; the resolved "
+        "configs are checked to differ only in objective, seed, steps, samplers and the meanflow arm's derivative), "
+        "evaluate each "
         "(1- and 2-step; multi-step Euler for flow matching) and write table.md, results.json and plot.png "
         "under <root>/comparisons/<name>/.",
     )

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "DeepSpeed ZeRO from the run's latent store, writing committed checkpoints under "
         "<root>/runs/<name>/checkpoints/. Running the same command again continues from the newest committed "
         "checkpoint. With train.launcher=auto: train.num_processes=1 runs one process without a launcher, more "
-        "run under torchrun, and train.num_nodes > 1 uses the deepspeed launcher with train.hostfile.",
+        "run under torchrun, and train.num_nodes > 1 uses the deepspeed launcher with train.hostfile, unless each "
+        "node starts its own launcher (--nnodes, below).",
     )
     p.add_argument("--config", required=True, help="YAML file or preset name (e.g. demo)")
     add_overrides(p, "train.num_steps=200")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         node = NodeLaunch(args.nnodes, args.node_rank, args.master_addr, args.master_port)
         overrides += node.config_overrides()
     cfg = load_config(args.config, overrides)
-    preflight(resolve(cfg))  # config, store and resume checked before Prefect or any process starts
+    preflight(resolve(cfg), node)  # config, store and resume checked before Prefect or any process starts
     # Node 0 runs the train flow (events); the other nodes train without a flow run.
     if use_prefect(args.prefect) and (node is None or node.node_rank == 0):
         from flows.train import train_flow

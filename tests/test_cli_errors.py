@@ -114,10 +114,14 @@ def test_evaluate_without_a_server_starts_none_and_shows_its_progress(tmp_path: 
 
 
 def test_single_process_commands_use_prefect_only_where_a_server_is_configured(monkeypatch) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.cli_setup import STARTUP_ENV, prepare_environment, use_prefect
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    assert use_prefect(None) is False and use_prefect(True) is True
+    # no server in the settings either (a test harness earlier in the session puts its own there)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert use_prefect(None) is False and use_prefect(True) is True
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert use_prefect(None) is True and use_prefect(False) is False
     for key in STARTUP_ENV:

@@ -203,7 +203,9 @@ def test_two_ranks_zero2_from_the_store(zero2_run, store_root):
     assert marker["trainer"]["world_size"] == 2 and marker["trainer"]["precision"] == "fp32"
     assert marker["files"] == [
         "config.yaml",
+        "ds_config.json",  # with "latest": what DeepSpeed's own tools look for
         "ema.safetensors",
+        "latest",
         "model.json",
         "trainer/mp_rank_00_model_states.pt",
         "trainer/zero_pp_rank_0_mp_rank_00_optim_states.pt",
