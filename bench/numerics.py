@@ -1,6 +1,7 @@
 """Numerics of the u-target: relative error of its derivative term (t - r) du/dt against an fp64 JVP.
 
     python bench/numerics.py                           # the table: trained demo checkpoint + XL-width stack
+    python bench/numerics.py --parts xl                # one part: demo (needs --checkpoint), xl, cost
     python bench/numerics.py --config imagenet256-xl2  # the preset's own training setting; exit 1 above 5%
 
 The error of one setting is ||term - ref|| / ||ref|| over a batch, where ``term`` is what the objective's
