@@ -1,8 +1,9 @@
 """Where bytes live: fsspec URLs for a local path, ``file://``, ``s3://`` and ``memory://``.
 
-S3 goes through s3fs. The endpoint comes from ``DUMO_S3_ENDPOINT_URL`` (or the standard
-``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``); credentials come from the environment or the standard
-AWS config files and are never taken as parameters, logged or written into artifacts.
+S3 goes through s3fs. The endpoint is ``DUMO_S3_ENDPOINT_URL`` when set; otherwise botocore resolves it
+itself from the standard ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables or the AWS config file
+(this module only names them in messages). Credentials come from the environment or the standard AWS
+config files and are never taken as parameters, logged or written into artifacts.
 
 The first use of an S3 bucket in a process checks the setup with one request (``check_s3``): no
 credentials, an endpoint that cannot be reached or does not answer like S3, or refused credentials fail
@@ -20,7 +21,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import S3SetupError, is_transient
 
-ENDPOINT_ENV_VARS = ("DUMO_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+PROJECT_ENDPOINT_ENV = "DUMO_S3_ENDPOINT_URL"  # the project's own override, passed to s3fs as endpoint_url
+# Read by botocore itself (and so by s3fs); named here only to say where an endpoint came from.
+ENDPOINT_ENV_VARS = (PROJECT_ENDPOINT_ENV, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or ~/.aws/credentials)"
 ENDPOINT_HINT = "set DUMO_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) to your S3 endpoint, or unset it for AWS itself"
 _checked: set[tuple[str | None, str, str | None]] = set()
@@ -28,18 +31,15 @@ _check_lock = threading.Lock()
 
 
 def s3_endpoint() -> str | None:
-    """The S3 endpoint URL from the environment, or None for AWS itself."""
-    for name in ENDPOINT_ENV_VARS:
-        if os.environ.get(name):
-            return os.environ[name]
-    return None
+    """``DUMO_S3_ENDPOINT_URL``, or None: then botocore finds the endpoint (AWS_ENDPOINT_URL_S3,
+    AWS_ENDPOINT_URL, the AWS config file, else AWS itself)."""
+    return os.environ.get(PROJECT_ENDPOINT_ENV) or None
 
 
-def _endpoint_words(endpoint: str | None) -> str:
-    if endpoint is None:
-        return "AWS S3 (no endpoint variable set)"
-    name = next(n for n in ENDPOINT_ENV_VARS if os.environ.get(n) == endpoint)
-    return f"{endpoint} (from {name})"
+def _endpoint_words(resolved: str) -> str:
+    """The endpoint a client resolved, and the variable it came from."""
+    name = next((n for n in ENDPOINT_ENV_VARS if os.environ.get(n)), None)
+    return f"{resolved} (from {name})" if name else f"{resolved} (no endpoint variable set)"
 
 
 def check_s3(url: str) -> None:
@@ -57,7 +57,7 @@ def check_s3(url: str) -> None:
     creds = session.get_credentials()
     if creds is None:
         raise S3SetupError(f"no S3 credentials found for {url}: {CREDENTIAL_HINT}")
-    key = (endpoint, bucket, creds.access_key)
+    key = (tuple(os.environ.get(n) for n in ENDPOINT_ENV_VARS), bucket, creds.access_key)
     if key in _checked:
         return
     with _check_lock:
@@ -65,7 +65,7 @@ def check_s3(url: str) -> None:
             return
         config = Config(connect_timeout=3, read_timeout=20, retries={"mode": "standard", "max_attempts": 2})
         client = session.create_client("s3", endpoint_url=endpoint, config=config)
-        where = _endpoint_words(endpoint)
+        where = _endpoint_words(client.meta.endpoint_url)
         try:
             client.list_objects_v2(Bucket=bucket, MaxKeys=1)
         except EndpointConnectionError as exc:

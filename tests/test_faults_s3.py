@@ -89,3 +89,19 @@ def test_setup_errors_are_permanent_and_a_bucket_that_is_missing_is_named(s3_buc
     with pytest.raises(S3SetupError, match="no bucket 'not-there'") as info:
         fs.exists("s3://not-there/x")
     assert not is_transient(info.value)
+
+
+def test_the_standard_aws_endpoint_variable_is_botocores_to_read(s3_bucket, moto_endpoint, monkeypatch):  # noqa: F811
+    """Without DUMO_S3_ENDPOINT_URL, botocore itself takes AWS_ENDPOINT_URL_S3 (the project passes no
+    endpoint), and a wrong one is named by that variable in the one-line error."""
+    monkeypatch.delenv("DUMO_S3_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert "endpoint_url" not in fs.storage_options(f"{s3_bucket}/x")
+    fs.write_bytes(f"{s3_bucket}/runs/a.txt", b"through botocore's own endpoint")
+    assert fs.read_bytes(f"{s3_bucket}/runs/a.txt") == b"through botocore's own endpoint"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard: nothing listens
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(S3SetupError, match=r"http://127.0.0.1:9 \(from AWS_ENDPOINT_URL_S3\)"):
+        fs.exists(f"{s3_bucket}/runs/a.txt")
+    s3fs.S3FileSystem.clear_instance_cache()
