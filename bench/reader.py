@@ -37,7 +37,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -106,27 +105,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 
 def make_store(path: str, rows: int, shard_size: int) -> None:
-    rng = np.random.default_rng(0)
-    attrs = {
-        "autoencoder": {"name": "sd-vae", "id": "synthetic", "revision": "0", "weights_digest": None},
-        "latent_scale": 0.18215,
-        "latent_shift": 0.0,
-        "pixel_range": [-1.0, 1.0],
-        "crop": "adm_center_crop",
-        "resolution": 256,
-        "image_channels": 3,
-        "flip": "stored",
-        "class_names": [f"n{k:03d}" for k in range(1000)],
-        "dataset_fingerprint": "synthetic",
-    }
-    latents.create(path, rows, SHAPE, "float16", shard_size, attrs)
-    for index in range(-(-rows // shard_size)):
-        lo, hi = index * shard_size, min((index + 1) * shard_size, rows)
-        mean = rng.standard_normal((hi - lo, 2, *SHAPE), dtype=np.float32).astype(np.float16)
-        std = rng.uniform(0.01, 0.2, (hi - lo, 2, *SHAPE)).astype(np.float16)
-        label = rng.integers(0, 1000, hi - lo).astype(np.int32)
-        latents.write_shard(path, index, mean, std, label, [f"n/{r}.JPEG" for r in range(lo, hi)])
-    latents.finalize(path)
+    latents.write_synthetic(path, rows, SHAPE, shard_size, num_classes=1000)
 
 
 def measure(url: str, proxy: LatencyProxy | None, steps: int, batch: int, reference, **reader_kwargs) -> dict:

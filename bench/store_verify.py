@@ -23,7 +23,6 @@ import platform
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,31 +36,7 @@ SHAPE, SHARD, BATCH = (4, 32, 32), 1024, 256
 
 
 def build(url: str, rows: int) -> None:
-    attrs = {
-        "autoencoder": {"name": "sd-vae", "id": "synthetic", "revision": "0", "weights_digest": None},
-        "latent_scale": 0.18215,
-        "latent_shift": 0.0,
-        "pixel_range": [-1.0, 1.0],
-        "crop": "adm_center_crop",
-        "resolution": 256,
-        "image_channels": 3,
-        "flip": "stored",
-        "class_names": [f"c{i}" for i in range(10)],
-        "dataset_fingerprint": "sha256:synthetic",
-    }
-    info = latents.create(url, rows, SHAPE, "float16", SHARD, attrs)
-
-    def write(i: int) -> None:
-        start, stop = info.shard_rows(i)
-        rng = np.random.default_rng(i)
-        mean = rng.standard_normal((stop - start, 2, *SHAPE)).astype(np.float16)
-        std = np.abs(rng.standard_normal(mean.shape)).astype(np.float16)
-        label = np.arange(start, stop) % 10
-        latents.write_shard(url, i, mean, std, label, [f"c{j % 10}/{j}.JPEG" for j in range(start, stop)])
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(write, range(info.num_shards)))
-    latents.finalize(url)
+    latents.write_synthetic(url, rows, SHAPE, SHARD)
 
 
 def best(fn, repeats: int) -> float:

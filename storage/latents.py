@@ -393,3 +393,45 @@ def finalize(url: str, threads: int = 8) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_synthetic(
+    url: str,
+    num_rows: int,
+    latent_shape: tuple[int, int, int] = (4, 32, 32),
+    shard_size: int = 1024,
+    num_classes: int = 10,
+    seed: int = 0,
+    latent_shift: float = 0.0,
+    excluded_rows: Sequence[int] = (),
+) -> StoreInfo:
+    """A complete store of random float16 latents with SD-VAE's attributes (id ``synthetic``), for benchmarks
+    and tests of the reader: shard ``i`` is drawn from ``(seed, i)``; ``excluded_rows`` get label -1, as rows
+    whose image was skipped."""
+    attrs = {
+        "autoencoder": {"name": "sd-vae", "id": "synthetic", "revision": "0", "weights_digest": None},
+        "latent_scale": 0.18215,
+        "latent_shift": latent_shift,
+        "pixel_range": [-1.0, 1.0],
+        "crop": "adm_center_crop",
+        "resolution": 8 * latent_shape[-1],
+        "image_channels": 3,
+        "flip": "stored",
+        "class_names": [f"c{k}" for k in range(num_classes)],
+        "dataset_fingerprint": "synthetic",
+    }
+    info = create(url, num_rows, latent_shape, "float16", shard_size, attrs)
+
+    def write(index: int) -> None:
+        start, stop = info.shard_rows(index)
+        rng = np.random.default_rng([seed, index])
+        mean = rng.standard_normal((stop - start, 2, *latent_shape), dtype=np.float32).astype(np.float16)
+        std = rng.uniform(0.01, 0.5, mean.shape).astype(np.float16)
+        label = rng.integers(0, num_classes, stop - start).astype(np.int32)
+        label[[r - start for r in excluded_rows if start <= r < stop]] = -1
+        write_shard(url, index, mean, std, label, [f"c{label[r - start]}/{r}.JPEG" for r in range(start, stop)])
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(write, range(info.num_shards)))
+    finalize(url)
+    return info

@@ -33,7 +33,6 @@ from storage.autoencoders import AutoencoderSpec, describe, get_autoencoder
 from storage.layout import Root, run_of_checkpoint
 from tasks import artifacts, eval_metrics
 from tasks.config import EvalConfig, PipelineConfig, config_from_yaml_text
-from tasks.modeling import model_from_dict
 from tasks.progress import Progress, run_logger
 
 log = logging.getLogger("dumo.evaluate")
@@ -167,17 +166,11 @@ def evaluate_checkpoint(checkpoint_url: str, eval_cfg: EvalConfig | None = None,
 
 
 def _load_model(url: str, device: torch.device) -> torch.nn.Module:
-    model_cfg, state = checkpoints.load_weights(url)
-    model = model_from_dict(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    # the EMA holds the trainable parameters; frozen ones (sin-cos positions) come from the constructor
-    if unexpected or trainable & set(missing):
-        raise ValueError(
-            f"{url}: EMA weights do not fit the model (missing {sorted(trainable & set(missing))[:5]},"
-            f" unexpected {sorted(unexpected)[:5]})"
-        )
-    return model.to(device).eval()
+    """The checkpoint's EMA network, as ``dumo sample`` loads it (one loader, one refusal for weights that do
+    not fit)."""
+    from tasks.sample import load_checkpoint_model
+
+    return load_checkpoint_model(url, "ema", device)
 
 
 def _autoencoder(attrs: dict[str, Any], cfg: PipelineConfig) -> Any:

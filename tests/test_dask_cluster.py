@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from flows.build_latents import build_latents, dask_task_runner, task_resources
@@ -21,6 +20,7 @@ from storage import autoencoders, latents
 from storage.images import write_digits
 from tests.dask_cluster import ExternalCluster
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
+from tests.test_build_latents import tiny_vae_dir  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 SHARD_SIZE = 60  # the 1,797 digits in 30 shards: enough tasks for a kill to land in the middle
@@ -50,25 +50,6 @@ def rgb_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(root)
 
 
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=16,
-    )
-    path = str(tmp_path_factory.mktemp("vae") / "tiny-vae")
-    vae.save_pretrained(path)
-    return path
-
-
 def _worker_stats(cluster: ExternalCluster) -> dict[str, dict[str, int]]:
     """ENCODE_STATS of each live worker process, by worker name."""
     from distributed import Client
@@ -86,7 +67,7 @@ def test_task_resources() -> None:
     assert task_resources(None, {"GPU": 1, "MEM": 2}) == {"GPU": 1, "MEM": 2}
 
 
-def test_gpu_resource_and_one_autoencoder_per_worker(cluster: ExternalCluster, rgb_dir: str, tiny_vae_dir, tmp_path):
+def test_gpu_resource_and_one_autoencoder_per_worker(cluster: ExternalCluster, rgb_dir: str, tiny_vae_dir, tmp_path):  # noqa: F811
     store = str(tmp_path / "latents" / "vae.zarr")
     summary = build_latents(
         rgb_dir,

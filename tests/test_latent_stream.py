@@ -19,29 +19,7 @@ NUM_ROWS, SHARD, SHAPE = 300, 64, (4, 4, 4)  # 5 shards, the last one short
 
 
 def make_store(url: str) -> str:
-    rng = np.random.default_rng(0)
-    attrs = {
-        "autoencoder": {"name": "sd-vae", "id": "synthetic", "revision": "0", "weights_digest": None},
-        "latent_scale": 0.18215,
-        "latent_shift": 0.1,
-        "pixel_range": [-1.0, 1.0],
-        "crop": "adm_center_crop",
-        "resolution": 32,
-        "image_channels": 3,
-        "flip": "stored",
-        "class_names": [str(k) for k in range(10)],
-        "dataset_fingerprint": "synthetic",
-    }
-    latents.create(url, NUM_ROWS, SHAPE, "float16", SHARD, attrs)
-    for index in range(-(-NUM_ROWS // SHARD)):
-        lo, hi = index * SHARD, min((index + 1) * SHARD, NUM_ROWS)
-        mean = rng.standard_normal((hi - lo, 2, *SHAPE)).astype(np.float16)
-        std = rng.uniform(0.01, 0.5, (hi - lo, 2, *SHAPE)).astype(np.float16)
-        label = rng.integers(0, 10, hi - lo).astype(np.int32)
-        if index == 1:
-            label[3] = -1  # a row excluded as a bad file
-        latents.write_shard(url, index, mean, std, label, [f"c/{r}.JPEG" for r in range(lo, hi)])
-    latents.finalize(url)
+    latents.write_synthetic(url, NUM_ROWS, SHAPE, SHARD, latent_shift=0.1, excluded_rows=[SHARD + 3])
     return url
 
 
