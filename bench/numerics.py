@@ -56,17 +56,19 @@ def nonzero_init(model: DualHeadDiT, seed: int = 0, std: float = 0.02) -> DualHe
     return model
 
 
-def held(model: DualHeadDiT, precision: str) -> DualHeadDiT:
-    """The network as the precision holds it."""
-    return copy.deepcopy(model).to(torch.bfloat16 if precision == "bf16-engine" else torch.float32).eval()
+def held(model: DualHeadDiT, precision: str, device: str | torch.device = "cpu") -> DualHeadDiT:
+    """The network as the precision holds it, on ``device``."""
+    dtype = torch.bfloat16 if precision == "bf16-engine" else torch.float32
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else nullcontext()
+def autocast(precision: str, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16-autocast" else nullcontext()
 
 
-def problem(model: DualHeadDiT, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """A training problem as the dumo objective draws it, with w = v = e - x (float32)."""
+def problem(model: DualHeadDiT, batch: int, seed: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A training problem as the dumo objective draws it, with w = v = e - x (float32); drawn on the CPU
+    (the same problem on every device), then moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     c, h = model.cfg.in_channels, model.cfg.input_size
     x = torch.randn(batch, c, h, h, generator=gen)
@@ -75,7 +77,8 @@ def problem(model: DualHeadDiT, batch: int, seed: int) -> dict[str, torch.Tensor
     t = t.clamp(0.05, 0.95)  # away from the ends, where a central difference turns one-sided
     x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * e
     y = torch.randint(0, model.cfg.num_classes, (batch,), generator=gen)
-    return {"x_t": x_t, "t": t, "r": r, "y": y, "w": e - x}
+    p = {"x_t": x_t, "t": t, "r": r, "y": y, "w": e - x}
+    return {k: v.to(device) for k, v in p.items()}
 
 
 def _dt(p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,7 +102,7 @@ def term(net: DualHeadDiT, precision: str, derivative: str, eps: float, p: dict[
         if derivative == "fd-fp32-copy":  # the difference on an fp32 copy of the held weights, autocast off
             dudt = finite_difference_dudt(flow_map(copy.deepcopy(net).float(), p["y"]), *args, eps)
         else:
-            with autocast(precision):
+            with autocast(precision, p["x_t"].device.type):
                 if derivative == "jvp":
                     with net.attention_impl("math"):
                         _, dudt = jvp_dudt(u_fn, *args)
@@ -118,11 +121,13 @@ DERIVATIVES = [("central", 0.001), ("central", 0.005), ("central", 0.02), ("cent
 DERIVATIVES += [("forward", 0.005), ("forward", 0.02), ("jvp", None), ("fd-fp32-copy", 0.005)]
 
 
-def measure(label: str, model: DualHeadDiT, batch: int, derivatives=DERIVATIVES, seed: int = 0) -> list[dict]:
+def measure(
+    label: str, model: DualHeadDiT, batch: int, derivatives=DERIVATIVES, seed: int = 0, device: str = "cpu"
+) -> list[dict]:
     rows = []
-    p = problem(model, batch, seed)
+    p = problem(model, batch, seed, device)
     for precision in PRECISIONS:
-        net = held(model, precision)
+        net = held(model, precision, device)
         ref = reference(net, p)
         for derivative, eps in derivatives:
             if derivative == "fd-fp32-copy" and precision == "fp32":
@@ -137,6 +142,8 @@ def measure(label: str, model: DualHeadDiT, batch: int, derivatives=DERIVATIVES,
                 "eps": eps,
                 "rel_error": err,
                 "seconds": time.perf_counter() - t0,
+                "device": str(device),
+                "batch": batch,
             }
             rows.append(row)
             print(
@@ -225,7 +232,7 @@ def fp32_copy_loss(obj: Objective, model, copy32, x, y, gen) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------- --config
 
 
-def check_preset(name: str, depth: int, batch: int) -> int:
+def check_preset(name: str, depth: int, batch: int, device: str = "cpu") -> int:
     """The preset's training setting (derivative, eps, scheme, time_scale, precision, guidance, width and
     latent shape; ``depth`` blocks instead of the preset's, for the CPU) through the whole Objective call."""
     from tasks.config import load_config
@@ -233,16 +240,18 @@ def check_preset(name: str, depth: int, batch: int) -> int:
     cfg = load_config(name)
     d = cfg.data
     shape = (4, d.resolution // 8, d.resolution // 8) if d.autoencoder == "sd-vae" else (1, d.resolution, d.resolution)
-    overrides = {**cfg.model.overrides, "time_scale": cfg.time_scale, "depth": depth}
+    overrides = {**cfg.model.overrides, "time_scale": cfg.time_scale}
+    if depth:  # 0: the preset's own depth
+        overrides["depth"] = depth
     model = nonzero_init(
         build_model(cfg.model.preset, **overrides, heads=cfg.heads, input_size=shape[1], in_channels=shape[0])
     )
     precision = "bf16-engine" if cfg.train.precision == "bf16" else "fp32"
-    net = held(model, precision)
+    net = held(model, precision, device)
     obj = Objective(cfg.objective, net.cfg.num_classes)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *shape, generator=gen)
-    y = torch.randint(0, net.cfg.num_classes, (batch,), generator=gen)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen, device=device)
+    y = torch.randint(0, net.cfg.num_classes, (batch,), generator=gen, device=device)
     seen: dict[str, torch.Tensor] = {}
     obj(net, x, y, gen, inspect=seen)
     p = {k: seen[k] for k in ("x_t", "t", "r", "y", "w")}
@@ -253,7 +262,7 @@ def check_preset(name: str, depth: int, batch: int) -> int:
     o = cfg.objective
     print(
         f"{name}: {cfg.model.preset} width {net.cfg.hidden_size} ({depth} of {build_model(cfg.model.preset).cfg.depth}"
-        f" blocks), latents {shape}, {cfg.train.precision} ({precision}), derivative {o.derivative}"
+        f" blocks), latents {shape}, {device}, {cfg.train.precision} ({precision}), derivative {o.derivative}"
         f" (eps {o.fd_eps}, {o.fd_scheme}), time_scale {cfg.time_scale:g}, guidance omega {o.guidance_omega}"
         f" kappa {o.guidance_kappa}: derivative-term error {100 * err:.2f}% (limit {100 * LIMIT:.0f}%)"
     )
@@ -264,7 +273,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="measure this preset's training setting and exit 1 above 5%")
     ap.add_argument("--checkpoint", default="demo-root/runs/demo/checkpoints", help="a trained checkpoint URL")
-    ap.add_argument("--depth", type=int, default=2, help="blocks of the wide stack (--config too)")
+    ap.add_argument("--depth", type=int, default=2, help="blocks of the wide stack (--config too); 0: the preset's")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the networks run (xl, --config)")
+    ap.add_argument("--presets", nargs="+", default=["DuMo-XL/2"], help="widths of the xl part (e.g. DuMo-B/2)")
+    ap.add_argument("--time-scales", nargs="+", type=float, default=[1.0, 1000.0], help="time scales of the xl part")
     ap.add_argument("--batch", type=int, default=2, help="batch of the wide stack (--config too)")
     ap.add_argument("--cost-steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
@@ -274,9 +286,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.config:
-        return check_preset(args.config, args.depth, args.batch)
-
-    from tasks.evaluate import _load_model
+        return check_preset(args.config, args.depth, args.batch, args.device)
 
     rows: list[dict] = []
     cost: list[dict] = []
@@ -287,6 +297,8 @@ def main() -> int:
         url = f"{url}/{steps[-1]}" if steps else url
     demo = build_model("debug", hidden_size=128, depth=4, num_heads=4, time_scale=1.0)  # configs/demo.yaml's
     if "demo" in args.parts:
+        from tasks.evaluate import _load_model  # storage and evaluation: only for the trained checkpoint
+
         demo = _load_model(url, torch.device("cpu"))  # the EMA weights, as evaluation loads them
     if "demo" in args.parts:
         rows += measure(f"demo trained ({Path(url).name})", demo, 64)
@@ -294,13 +306,20 @@ def main() -> int:
             rows += measure("demo net, random", nonzero_init(DualHeadDiT(replace(demo.cfg, time_scale=ts))), 64)
     if "xl" in args.parts:
         short = [dv for dv in DERIVATIVES if dv[1] in (None, 0.005, 0.05)]
-        for ts in (1.0, 1000.0):
-            xl = nonzero_init(build_model("DuMo-XL/2", depth=args.depth, input_size=32, in_channels=4, time_scale=ts))
-            rows += measure(f"XL width, {args.depth} blocks", xl, args.batch, short)
+        for preset in args.presets:
+            for ts in args.time_scales:
+                depth = {"depth": args.depth} if args.depth else {}
+                wide = nonzero_init(build_model(preset, **depth, input_size=32, in_channels=4, time_scale=ts))
+                label = f"{preset.split('-')[-1]} width, {wide.cfg.depth} blocks"
+                rows += measure(label, wide, args.batch, short, device=args.device)
+                del wide
     if "cost" in args.parts:
         print("step cost: forward + backward, x flow matching in the same precision (demo network)")
         cost = step_costs(demo, 64, args.cost_steps)  # at random init: the weights do not change the cost
-    machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    if args.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    else:
+        machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     machine += f", torch {torch.__version__}"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

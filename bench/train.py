@@ -18,6 +18,7 @@ Writes bench/results/train.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -126,6 +127,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 3 CPU, 20 GPU)")
     ap.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: all cores)")
+    ap.add_argument(
+        "--cases", nargs="+", default=None, help="PRESET:BATCH:PRECISION each (default: the device's plan below)"
+    )
     ap.add_argument("--out", default="bench/results/train.json")
     args = ap.parse_args()
     # One rank without a launcher (what tasks.train's inline launcher sets)
@@ -153,7 +157,17 @@ def main() -> None:
         if gpu
         else [("debug", 64, "fp32"), ("DuMo-B/2", 4, "fp32")]
     )
-    rows = [bench(preset, batch, steps, args.device, precision, args.zero_stage) for preset, batch, precision in plan]
+    if args.cases:
+        plan = [(p, int(b), prec) for p, b, prec in (c.split(":") for c in args.cases)]
+    rows = []
+    for preset, batch, precision in plan:
+        try:
+            rows.append(bench(preset, batch, steps, args.device, precision, args.zero_stage))
+        except torch.cuda.OutOfMemoryError as exc:  # a batch too large for the card: the other cases still run
+            print(f"{preset} batch {batch}: out of memory ({str(exc).splitlines()[0]})", flush=True)
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
     machine = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
     machine += f", {torch.get_num_threads()} threads, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}"
     machine += f", load average {os.getloadavg()[0]:.1f} at the end" if not gpu else ""
