@@ -36,11 +36,11 @@ if [ -n "${GPU_CHECK_TINY:-}" ]; then
   T_TRAIN=400 T_COST=200 T_TESTS=300 T_NUM=300
 else
   DEV=cuda TAG=${TAG:-h200}
-  TRAIN_ARGS="--device cuda --steps 10"
+  TRAIN_ARGS="--device cuda --steps 10 --cases DuMo-B/2:64:bf16 DuMo-B/2:128:bf16 DuMo-XL/2:32:bf16 DuMo-XL/2:64:bf16"
   COST_ARGS="--device cuda --steps 10"
   NUM_ARGS="--device cuda --parts xl --presets DuMo-B/2 DuMo-XL/2 --depth 0 --batch 8"
   CONF_ARGS="--device cuda --config imagenet256-xl2 --depth 0 --batch 8"
-  T_TRAIN=${T_TRAIN:-130} T_COST=${T_COST:-100} T_TESTS=${T_TESTS:-210} T_NUM=${T_NUM:-120}
+  T_TRAIN=${T_TRAIN:-150} T_COST=${T_COST:-120} T_TESTS=${T_TESTS:-200} T_NUM=${T_NUM:-120}
 fi
 
 part() {  # part NAME SECONDS CMD...: run with a timeout, log to $OUT/NAME.log (appending), report status
