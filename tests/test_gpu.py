@@ -175,7 +175,7 @@ def test_one_step_sample_on_cuda_agrees_with_the_cpu():
 def _run_python(code: str, timeout: int = 240, env: dict | None = None) -> dict:
     """Run ``code`` in a fresh process (DeepSpeed's process group must not outlive it); its last stdout
     line is a JSON record."""
-    full = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=REPO,
@@ -287,7 +287,12 @@ def test_trainer_process_trains_on_cuda_and_writes_a_checkpoint(tmp_path):
     )
     run = Root(root).run("gpu")
     fs.write_text(run.config, cfg.to_yaml())
-    env = {**os.environ, **ds_env(29533), "PYTHONPATH": str(REPO), "DUMO_NO_PROGRESS": "1"}
+    env = {
+        **os.environ,
+        **ds_env(29533),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "DUMO_NO_PROGRESS": "1",
+    }
     env["DUMO_STAGING_DIR"] = str(tmp_path / "staging")
     done = subprocess.run(
         [sys.executable, "-m", "tasks.train_worker", root, "gpu"],
