@@ -260,8 +260,9 @@ def check_preset(name: str, depth: int, batch: int, device: str = "cpu") -> int:
     ref = reference(net, p)
     err = rel_error(got[keep], ref[keep])
     o = cfg.objective
+    full_depth = build_model(cfg.model.preset).cfg.depth
     print(
-        f"{name}: {cfg.model.preset} width {net.cfg.hidden_size} ({depth} of {build_model(cfg.model.preset).cfg.depth}"
+        f"{name}: {cfg.model.preset} width {net.cfg.hidden_size} ({net.cfg.depth} of {full_depth}"
         f" blocks), latents {shape}, {device}, {cfg.train.precision} ({precision}), derivative {o.derivative}"
         f" (eps {o.fd_eps}, {o.fd_scheme}), time_scale {cfg.time_scale:g}, guidance omega {o.guidance_omega}"
         f" kappa {o.guidance_kappa}: derivative-term error {100 * err:.2f}% (limit {100 * LIMIT:.0f}%)"

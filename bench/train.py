@@ -187,6 +187,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "zero_stage": args.zero_stage, "rows": rows}, indent=1))
     print(f"wrote {out}")
+    torch.distributed.destroy_process_group()  # else NCCL warns at exit of leaked resources
 
 
 if __name__ == "__main__":
