@@ -1,11 +1,11 @@
-"""flows/serve.py's process handling (psutil): a process tree is found whole and stopped whole."""
+"""tasks/local_server.py's process handling (psutil): a process tree is found whole and stopped whole."""
 
 from __future__ import annotations
 
 import subprocess
 import time
 
-from flows.serve import _command_line, pid_alive, process_tree, terminate_tree
+from tasks.local_server import _command_line, pid_alive, process_tree, terminate_tree
 
 
 def test_terminate_tree_stops_a_process_and_its_children() -> None:
