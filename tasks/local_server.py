@@ -14,8 +14,8 @@ State lives in ``.serve/`` in the repository: ``home/`` (PREFECT_HOME: the serve
 
 ``LocalPrefect`` holds the steps (start the server, wait until healthy, create the pool, deploy, run a
 worker once or for good, stop); the end-to-end test uses the same class. Each Prefect step is a CLI command
-in a subprocess, the command a user would type (the health check is a plain HTTP GET), so this module does
-not import Prefect.
+in a subprocess, the command a user would type (the health check is a plain HTTP GET); Prefect is imported
+only to install the crash automation (tasks.zombies). Processes are found and stopped with psutil.
 """
 
 from __future__ import annotations
