@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flows.cli_common import DeferredChoices
-from tasks.cli_support import model_presets, objective_names
+from tasks.cli_support import model_info, model_presets, objective_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.cli_support import model_info
-
     print(model_info(args.preset, args.objective, args.r_input))
     return 0
