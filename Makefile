@@ -39,10 +39,10 @@ bench: install
 
 # Local Prefect server + process work pool + deployments + one worker (see README).
 serve: install
-	$(PY) -m flows.serve start
+	$(PY) -m tasks.local_server start
 
 stop:
-	$(PY) -m flows.serve stop
+	$(PY) -m tasks.local_server stop
 
 clean:
 	rm -rf $(ROOT) .pytest_cache .ruff_cache

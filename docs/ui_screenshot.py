@@ -24,7 +24,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from flows.serve import LocalPrefect, free_port  # noqa: E402
+from tasks.local_server import LocalPrefect, free_port  # noqa: E402
 
 
 def api(url: str, path: str, body: dict) -> list | dict:

@@ -1,24 +1,27 @@
 """The ``dumo`` command. Thin: each subcommand's arguments live in a ``flows.cli_*`` module whose
-``register(subparsers)`` adds them; handlers import their heavy dependencies only when run, so
-``dumo --help`` stays fast."""
+``register(subparsers)`` adds them; handlers import their heavy dependencies only when run, and choice lists
+declared in torch modules are read when first needed (flows.cli_common.DeferredChoices), so ``dumo --help``
+stays fast."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from flows import cli_data, cli_eval, cli_model, cli_pipeline, cli_sample, cli_store, cli_train
 from flows.cli_errors import DEBUG_ENV, debug_requested, is_expected, report
+from flows.cli_setup import prepare_environment
 
-# Each module defines register(subparsers) -> None and sets a ``func`` default on its parsers.
+# Each module defines register(subparsers) -> None and sets a ``func`` default on its parsers; this order is
+# the order of ``dumo --help``.
 COMMAND_MODULES = (
-    "flows.cli_model",  # model-info
-    "flows.cli_data",  # make-digits, build-latents
-    "flows.cli_train",  # train
-    "flows.cli_eval",  # evaluate
-    "flows.cli_pipeline",  # run, demo, compare
-    "flows.cli_sample",  # sample, export
-    "flows.cli_store",  # verify-store
+    cli_model,  # model-info
+    cli_data,  # make-digits, build-latents
+    cli_train,  # train
+    cli_eval,  # evaluate
+    cli_pipeline,  # run, demo, compare
+    cli_sample,  # sample, export
+    cli_store,  # verify-store
 )
 
 
@@ -33,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help=f"show the traceback of every error (or set {DEBUG_ENV}=1)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # not written yet in this checkout
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     for command in sub.choices.values():  # `dumo train ... --debug` as well as `dumo --debug train ...`
         command.add_argument(
@@ -49,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # One start-up setting for every command, first: before anything (a choice list read while parsing
+    # included) can import Prefect, which reads its settings once.
+    prepare_environment()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from flows.cli_setup import prepare_environment
-
-    prepare_environment()  # one start-up setting for every command, before anything imports Prefect
     debug = debug_requested(args.debug)
     try:
         return int(args.func(args) or 0)

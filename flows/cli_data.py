@@ -90,23 +90,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_make_digits(args: argparse.Namespace) -> int:
-    from storage.images import write_digits
+    from tasks.cli_support import write_digit_tree
 
-    source = write_digits(args.dir, upscale=args.upscale)
+    num_images, num_classes = write_digit_tree(args.dir, upscale=args.upscale)
     side = 8 * args.upscale
-    print(f"wrote {len(source)} digits ({side}x{side} grey PNG) in {len(source.class_names)} classes to {args.dir}")
+    print(f"wrote {num_images} digits ({side}x{side} grey PNG) in {num_classes} classes to {args.dir}")
     return 0
 
 
 def run_build_latents(args: argparse.Namespace) -> int:
-    from storage import fs
+    from tasks.cli_support import require_image_tree
     from tasks.encode import store_status
 
     # What can be checked cheaply is checked before Prefect starts (the full listing of SOURCE is the flow's)
     if args.autoencoder == "sd-vae" and not args.vae:
         raise ValueError("--autoencoder sd-vae needs --vae PATH_OR_ID (a local AutoencoderKL directory or a hub id)")
-    if not fs.exists(args.source):
-        raise FileNotFoundError(f"image tree {args.source} does not exist: give a folder SOURCE/<class>/<image>")
+    require_image_tree(args.source)
     expect = {"autoencoder_name": args.autoencoder, "resolution": args.resolution}
     store_status.fn(args.store, {**expect, "latent_dtype": args.latent_dtype, "shard_size": args.shard_size})
     from flows.build_latents import run_build_latents as build

@@ -26,9 +26,9 @@ def debug_requested(flag: bool = False) -> bool:
 
 def is_expected(exc: BaseException) -> bool:
     """True for the errors that name a bad input and the way out (no traceback needed)."""
-    from storage.latents import StoreError
+    from tasks.cli_support import is_refused_store
 
-    return isinstance(exc, (ValueError, StoreError, *EXPECTED_OS_ERRORS))
+    return isinstance(exc, (ValueError, *EXPECTED_OS_ERRORS)) or is_refused_store(exc)
 
 
 def one_line(exc: BaseException) -> str:

@@ -90,9 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record, indent=1))
         return 0
-    from storage import fs
-    from storage.metrics import format_table
+    from tasks.cli_support import display, results_table
 
-    print(format_table(record))
-    print(f"\nmetrics and sample grid: {fs.display(record['eval_dir'])}")
+    print(results_table(record))
+    print(f"\nmetrics and sample grid: {display(record['eval_dir'])}")
     return 0

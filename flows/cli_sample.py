@@ -58,9 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     # A mistake (ValueError, a missing file or autoencoder) is reported in one line by flows.cli.main.
-    from dumo_model.samplers import SamplerConfig
     from flows.cli_setup import plain_logging
-    from tasks.sample import SampleRequest, sample_checkpoint
+    from tasks.sample import SamplerConfig, SampleRequest, sample_checkpoint
 
     plain_logging()
     classes = None if not args.classes else tuple(int(c) for c in args.classes.split(","))

@@ -24,12 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify_store(args: argparse.Namespace) -> int:
-    from storage.store_repair import repair_store, verify_store
+    from tasks.cli_support import check_latent_store
 
-    if args.repair:
-        report = repair_store(args.url, source_url=args.source, vae=args.vae, threads=args.threads)
-    else:
-        report = verify_store(args.url, threads=args.threads)
+    report = check_latent_store(args.url, args.repair, args.source, args.vae, args.threads)
     for bad in report["bad"]:
         print(f"bad {bad['problem']}", file=sys.stderr)
     n, total = len(report["bad"]), report["num_shards"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli_common import add_overrides, add_prefect_switch
+from flows.cli_common import add_config, add_overrides, add_prefect_switch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run under torchrun, and train.num_nodes > 1 uses the deepspeed launcher with train.hostfile, unless each "
         "node starts its own launcher (--nnodes, below).",
     )
-    p.add_argument("--config", required=True, help="YAML file or preset name (e.g. demo)")
+    add_config(p, "--config", required=True)
     add_overrides(p, "train.num_steps=200")
     add_prefect_switch(p, "training function", "no dumo.checkpoint.saved events")
     node = p.add_argument_group(

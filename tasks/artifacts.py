@@ -11,6 +11,8 @@ import re
 
 from PIL import Image
 
+from tasks.run_context import in_prefect_run
+
 MAX_WIDTH_PX = 1200  # about the width of an artifact panel; keeps an ImageNet grid's artifact under ~2 MB
 
 
@@ -31,17 +33,11 @@ def image_markdown(png: bytes, alt: str, max_width_px: int = MAX_WIDTH_PX) -> st
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
 
 
-def in_run() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
-
-
 def publish_png(key: str, png: bytes, title: str, where: str, description: str) -> None:
     """A markdown artifact showing ``png`` under ``title``, with the plain path of the full-size file."""
     from prefect.artifacts import create_markdown_artifact
 
-    if not in_run():
+    if not in_prefect_run():
         return
     text = f"### {title}\n\n{image_markdown(png, title)}\n\nFull size: `{where}`\n"
     create_markdown_artifact(text, key=key, description=description)

@@ -17,8 +17,8 @@ from dumo_model.dit import model_config
 from dumo_model.objectives import ObjectiveConfig
 from dumo_model.pretrained import TIME_SCALE
 from dumo_model.samplers import SamplerConfig
+from tasks.config_files import CONFIG_DIR, config_presets
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 HEADS_OF_OBJECTIVE = {"dumo": "dual", "meanflow": "u", "flow_matching": "v"}
 # time_scale of a network with a u head when model.time_scale is unset: raw t (MeanFlow's official code).
 # bench/numerics.py: a finite difference at DiT's 1000 is ~100% off even in fp32 (docs/model.md).
@@ -289,7 +289,7 @@ def resolve_path(name_or_path: str) -> Path:
     preset = CONFIG_DIR / f"{name_or_path}.yaml"
     if preset.exists():
         return preset
-    known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    known = config_presets()
     raise FileNotFoundError(f"no config file {name_or_path!r} and no preset of that name; presets: {known}")
 
 

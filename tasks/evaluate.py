@@ -34,6 +34,7 @@ from storage.layout import Root, run_of_checkpoint
 from tasks import artifacts, eval_metrics
 from tasks.config import EvalConfig, PipelineConfig, config_from_yaml_text
 from tasks.progress import Progress, run_logger
+from tasks.run_context import in_prefect_run
 
 log = logging.getLogger("dumo.evaluate")
 
@@ -387,7 +388,7 @@ def publish_artifacts(record: dict[str, Any]) -> None:
     UI (the grid embedded in a markdown artifact: see tasks.artifacts); nothing outside a run."""
     from prefect.artifacts import create_markdown_artifact
 
-    if not artifacts.in_run():
+    if not in_prefect_run():
         return
     key = artifacts.key_of("eval", record["run"], record["protocol"])
     grid_url = fs.join(record["eval_dir"], metrics.GRID_FILE)

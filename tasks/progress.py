@@ -5,8 +5,8 @@ not hundreds (a tqdm bar into a pipe writes one line per refresh: 256 INFO lines
     with Progress("sampling 1-step", total=1000, unit="image") as p:
         for batch in ...: p.update(len(batch))
 
-``run_logger(name)`` is the Prefect run logger inside a flow or task run (its lines reach the UI), else the
-plain ``logging`` logger ``name``. No Prefect import at module level: the training ranks import this too.
+Its log lines go to ``tasks.run_context.run_logger`` (the Prefect run's logger inside a run, else plain
+``logging``). No Prefect import at module level: the training ranks import this too.
 """
 
 from __future__ import annotations
@@ -17,27 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tasks.run_context import in_prefect_run, run_logger
+
 PROGRESS_EVERY_S = 10.0
-
-
-def run_logger(name: str) -> logging.Logger | logging.LoggerAdapter:
-    try:
-        from prefect.context import FlowRunContext, TaskRunContext
-        from prefect.logging import get_run_logger
-
-        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
-            return get_run_logger()
-    except ImportError:  # pragma: no cover - Prefect is a dependency
-        pass
-    return logging.getLogger(name)
-
-
-def in_prefect_run() -> bool:
-    try:
-        from prefect.context import FlowRunContext, TaskRunContext
-    except ImportError:  # pragma: no cover
-        return False
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 def _duration(seconds: float) -> str:

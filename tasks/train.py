@@ -16,7 +16,6 @@ After each commit, ``on_checkpoint(url, step)`` is called and, when a Prefect AP
 from __future__ import annotations
 
 import json
-import logging
 import os
 import queue
 import re
@@ -43,6 +42,7 @@ from storage.layout import Root, RunLayout
 from tasks.config import PipelineConfig
 from tasks.modeling import dit_config, resume_config
 from tasks.progress import PROGRESS_EVERY_S
+from tasks.run_context import in_prefect_run, run_logger
 from tasks.train_worker import CHECKPOINT_LINE, DONE_LINE, check_resumable
 
 EVENT = "dumo.checkpoint.saved"
@@ -158,27 +158,8 @@ def launch_command(
     return [*argv, "--module", *worker[1:]], env
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        from prefect.context import get_run_context
-        from prefect.logging import get_run_logger
-
-        get_run_context()
-        return get_run_logger()
-    except Exception:  # no flow or task run: plain logging
-        return logging.getLogger("dumo.train")
-
-
 def _prefect_api_reachable() -> bool:
-    if os.environ.get("PREFECT_API_URL"):
-        return True
-    try:
-        from prefect.context import get_run_context
-
-        get_run_context()
-        return True
-    except Exception:
-        return False
+    return bool(os.environ.get("PREFECT_API_URL")) or in_prefect_run()
 
 
 def emit_checkpoint_event(run_name: str, url: str, step: int) -> None:
@@ -220,7 +201,7 @@ def train_run(
     """Train ``cfg`` (resuming from its newest committed checkpoint) and return where it got to. With
     ``node``, this is one node's launcher of a multi-node job; every node returns when the job ends (rank 0,
     on node 0, reports the loss and speed; the other nodes return the run's newest checkpoint)."""
-    log = _logger()
+    log = run_logger("dumo.train")
     cfg = resolve(cfg)
     facts = preflight(cfg, node)
     run: RunLayout = Root(cfg.root).run(cfg.name)

@@ -1,5 +1,5 @@
 """End to end against a real Prefect server on 127.0.0.1, with the same steps as `make serve`
-(flows.serve.LocalPrefect): server -> process pool -> `prefect deploy --all` from prefect.yaml.
+(tasks.local_server.LocalPrefect): server -> process pool -> `prefect deploy --all` from prefect.yaml.
 
 Then `prefect deployment run dumo/full-pipeline` with a tiny config, executed by `prefect worker start
 --run-once`; the checkpoint events of that run's training, and one more emitted here, must start flow runs of
@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from flows.serve import PROJECT_DIR, LocalPrefect, free_port
 from storage.layout import Root
+from tasks.local_server import PROJECT_DIR, LocalPrefect, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 

@@ -5,7 +5,7 @@ seconds (180 by default, at least 30) while a flow run is alive. A process kille
 or a lost machine emits nothing more, not even a final state, so the run would stay "Running" for ever. The
 automation made here is a proactive trigger (Prefect's documented zombie-flow recipe): for each flow run, a
 heartbeat not followed within ``MISSED_BEATS`` heartbeat periods by another heartbeat or a final state moves
-the run to Crashed. ``make serve`` (flows.serve) installs it; ``ensure_crash_automation`` is idempotent.
+the run to Crashed. ``make serve`` (tasks.local_server) installs it; ``ensure_crash_automation`` is idempotent.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """A local Prefect server with the project's deployments and one worker: what `make serve` / `make stop` run.
 
-    python -m flows.serve start    # server on 127.0.0.1 -> pool -> `prefect deploy --all` -> worker
-    python -m flows.serve status   # what runs, and the API URL
-    python -m flows.serve deploy   # deploy prefect.yaml again (after editing it) to the running server
-    python -m flows.serve stop     # worker, then server, by PID
+    python -m tasks.local_server start    # server on 127.0.0.1 -> pool -> `prefect deploy --all` -> worker
+    python -m tasks.local_server status   # what runs, and the API URL
+    python -m tasks.local_server deploy   # deploy prefect.yaml again (after editing it) to the running server
+    python -m tasks.local_server stop     # worker, then server, by PID
 
 State lives in ``.serve/`` in the repository: ``home/`` (PREFECT_HOME: the server's SQLite database),
 ``server.pid``, ``worker.pid``, ``api_url`` and the two processes' logs. Settings from the environment:
@@ -14,8 +14,8 @@ State lives in ``.serve/`` in the repository: ``home/`` (PREFECT_HOME: the serve
 
 ``LocalPrefect`` holds the steps (start the server, wait until healthy, create the pool, deploy, run a
 worker once or for good, stop); the end-to-end test uses the same class. Each Prefect step is a CLI command
-in a subprocess, the command a user would type (the health check is a plain HTTP GET), so this module does
-not import Prefect.
+in a subprocess, the command a user would type (the health check is a plain HTTP GET); Prefect is imported
+only to install the crash automation (tasks.zombies). Processes are found and stopped with psutil.
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ class LocalPrefect:
             f"deployed prefect.yaml in {time.monotonic() - t0:.0f} s: {', '.join(names)}"
             f" (reevaluate-checkpoints/nightly scans {self.root})"
         )
-        from flows.zombies import install_crash_automation  # killed flow runs end as Crashed
+        from tasks.zombies import install_crash_automation  # killed flow runs end as Crashed
 
         print(install_crash_automation(self.api_url))
         if pid := self.running("worker"):
@@ -381,7 +381,7 @@ def from_environment() -> LocalPrefect:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tasks.local_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status", "deploy"])
     args = parser.parse_args(argv)
     local = from_environment()
