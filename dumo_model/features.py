@@ -29,6 +29,11 @@ class Features(NamedTuple):
     is_logits: np.ndarray | None  # (N, 1008): Inception's, for the Inception Score
 
 
+def to_pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float pixels in [-1, 1], the range the classifier is trained in."""
+    return torch.from_numpy(images).to(device).float() / 127.5 - 1
+
+
 class ClassifierExtractor:
     """The penultimate layer of a trained ``FeatureClassifier`` (pixels mapped back to [-1, 1])."""
 
@@ -41,8 +46,7 @@ class ClassifierExtractor:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> Features:
-        x = torch.from_numpy(images).to(self.device).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1]
-        out = self.model(x)
+        out = self.model(to_pixels(images, self.device))
         return Features(out.features.float().cpu().numpy(), out.logits.float().cpu().numpy(), None)
 
 

@@ -24,7 +24,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,19 +64,21 @@ class RealImages:
     meta: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Bundle:
-    """One ``<extractor>.npz``: its arrays, meta and the sha256 of the object."""
+    """One ``<extractor>.npz``: the statistics of the reference half, the held-out half's features (and
+    logits), the classifier's weights for the classifier; with the object's meta and sha256."""
 
-    url: str
-    arrays: dict[str, np.ndarray]
-    meta: dict[str, Any]
-    digest: str
-
-    def classifier_state(self) -> dict[str, np.ndarray]:
-        """The classifier's weights stored in the bundle (a state dict of arrays)."""
-        n = len(CLASSIFIER_PREFIX)
-        return {k[n:]: v for k, v in self.arrays.items() if k.startswith(CLASSIFIER_PREFIX)}
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    ref_features: np.ndarray  # (M_ref, D)
+    holdout_features: np.ndarray  # (M_h, D)
+    holdout_logits: np.ndarray | None = None  # (M_h, K): the classifier's
+    holdout_is_logits: np.ndarray | None = None  # (M_h, 1008): Inception's
+    classifier_state: dict[str, np.ndarray] = field(default_factory=dict)  # state dict of the classifier
+    meta: dict[str, Any] = field(default_factory=dict)
+    url: str = ""
+    digest: str = ""
 
 
 # -- npz objects --------------------------------------------------------------------------------------
@@ -222,18 +224,35 @@ def bundle_url(root: Root, real: RealImages, name: str) -> str:
 
 def read_bundle(url: str) -> Bundle | None:
     found = read_npz(url)
-    return None if found is None else Bundle(url, *found)
+    if found is None:
+        return None
+    a, meta, digest = found
+    n = len(CLASSIFIER_PREFIX)
+    state = {k[n:]: v for k, v in a.items() if k.startswith(CLASSIFIER_PREFIX)}
+    return Bundle(
+        a["mu"],
+        a["sigma"],
+        a["ref_features"],
+        a["holdout_features"],
+        a.get("holdout_logits"),
+        a.get("holdout_is_logits"),
+        state,
+        meta,
+        url,
+        digest,
+    )
 
 
-def write_bundle(
-    url: str,
-    stats: dict[str, np.ndarray],
-    meta: dict[str, Any],
-    classifier_state: dict[str, np.ndarray] | None = None,
-) -> None:
-    """Write one bundle: ``stats`` (mu, sigma, features...) and, for the classifier, its weights beside them."""
-    arrays = {f"{CLASSIFIER_PREFIX}{k}": v for k, v in (classifier_state or {}).items()}
-    write_npz(url, {**arrays, **stats}, meta)
+def write_bundle(url: str, bundle: Bundle) -> None:
+    """Write one bundle (the classifier's weights under ``classifier/``, then the statistics)."""
+    arrays = {f"{CLASSIFIER_PREFIX}{k}": v for k, v in bundle.classifier_state.items()}
+    arrays |= {"mu": bundle.mu, "sigma": bundle.sigma}
+    arrays |= {"ref_features": bundle.ref_features, "holdout_features": bundle.holdout_features}
+    if bundle.holdout_is_logits is not None:
+        arrays["holdout_is_logits"] = bundle.holdout_is_logits
+    if bundle.holdout_logits is not None:
+        arrays["holdout_logits"] = bundle.holdout_logits
+    write_npz(url, arrays, bundle.meta)
 
 
 # -- ADM-style statistics and Inception weights -------------------------------------------------------

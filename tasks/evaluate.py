@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -30,13 +30,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from dumo_model.classifier import RECIPE_VERSION, ClassifierConfig, FeatureClassifier, train_classifier
-from dumo_model.features import FEATURE_EXTRACTORS, ClassifierExtractor, Extractor, extract
+from dumo_model.features import FEATURE_EXTRACTORS, ClassifierExtractor, Extractor, extract, to_pixels
 from dumo_model.metrics import NN_MAX_QUERIES, Reference, Scores, gaussian_stats, real_baseline, score, to_uint8
 from dumo_model.samplers import SamplerConfig, sample
 from storage import checkpoints, fs, latents, metrics, reference_stats
 from storage.autoencoders import AutoencoderSpec, describe, file_digest, get_autoencoder
 from storage.layout import Root, run_of_checkpoint
-from storage.reference_stats import RealImages
+from storage.reference_stats import Bundle, RealImages
 from tasks import artifacts
 from tasks.config import DataConfig, EvalConfig, config_from_yaml_text
 from tasks.progress import Progress, run_logger
@@ -55,6 +55,20 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 # -- the record ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExtractorInfo:
+    name: str  # a key of FEATURE_EXTRACTORS
+    id: str | None  # inception: named after its weights' digest
+    classifier_holdout_accuracy: float | None  # classifier: its accuracy on the held-out real images
+
+
+@dataclass(frozen=True)
+class ReferenceInfo:
+    source: str  # "computed:<url>" or "npz:<path>"
+    digest: str  # sha256 of that object
+    real_images: dict[str, Any] | None  # the real images' identity and source (storage.reference_stats)
+
+
 @dataclass(frozen=True)
 class SamplerResult:
     """One sampler's part of the record; in metrics.json its scores sit beside the sampler settings."""
@@ -92,8 +106,8 @@ class EvalRecord:
     eval_dir: str
     num_samples: int
     num_classes: int
-    feature_extractor: dict[str, Any]  # name, id (inception: of its weights), classifier_holdout_accuracy
-    reference: dict[str, Any]  # source ("computed:<url>" or "npz:<path>"), digest, real_images (their meta)
+    feature_extractor: ExtractorInfo
+    reference: ReferenceInfo
     real: Scores | None  # held-out real images: what a perfect generator would score
     samplers: dict[str, SamplerResult]  # by sampler label, in protocol order
     files: dict[str, str]  # file name -> sha256
@@ -104,6 +118,7 @@ class EvalRecord:
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out |= {"feature_extractor": asdict(self.feature_extractor), "reference": asdict(self.reference)}
         out["real"] = None if self.real is None else asdict(self.real)
         out["samplers"] = {label: s.to_json() for label, s in self.samplers.items()}
         return out
@@ -111,6 +126,8 @@ class EvalRecord:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EvalRecord:
         values = {f.name: d[f.name] for f in fields(cls)}
+        values["feature_extractor"] = ExtractorInfo(**d["feature_extractor"])
+        values["reference"] = ReferenceInfo(**d["reference"])
         values["real"] = None if d["real"] is None else _scores(d["real"])
         values["samplers"] = {label: SamplerResult.from_json(s) for label, s in d["samplers"].items()}
         return cls(**values)
@@ -173,11 +190,16 @@ def check_protocol(eval_cfg: EvalConfig) -> None:
         reference_stats.read_reference_npz(eval_cfg.reference_npz, width, eval_cfg.feature_extractor)
 
 
-def current_record(checkpoint_url: str, eval_cfg: EvalConfig) -> dict[str, Any] | None:
-    """The record (as JSON) of this checkpoint under this protocol, or None when it has to be evaluated."""
+def current_record(checkpoint_url: str, eval_cfg: EvalConfig) -> EvalRecord | None:
+    """The record of this checkpoint under this protocol, or None when it has to be evaluated."""
     root, run, step = run_of_checkpoint(checkpoint_url)
     eval_dir = root.run(run).eval_dir(step, eval_cfg.protocol)
-    return metrics.cached_record(eval_dir, checkpoints.digest(checkpoint_url), protocol_hash(eval_cfg))
+    return _cached(eval_dir, checkpoints.digest(checkpoint_url), protocol_hash(eval_cfg))
+
+
+def _cached(eval_dir: str, checkpoint_digest: str, phash: str) -> EvalRecord | None:
+    found = metrics.cached_record(eval_dir, checkpoint_digest, phash)
+    return None if found is None else EvalRecord.from_json(found)
 
 
 def find_unevaluated(
@@ -240,36 +262,32 @@ def prepare(
         assert bundle is not None
         if extractor is None:  # the classifier, as cached (whichever evaluation trained it)
             model = FeatureClassifier(ClassifierConfig(**bundle.meta["classifier_config"]))
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in bundle.classifier_state().items()})
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in bundle.classifier_state.items()})
             extractor = ClassifierExtractor(model, device)
-        a = bundle.arrays
         reference = Reference(
-            a["mu"],
-            a["sigma"],
-            a["ref_features"],
-            a["holdout_features"],
+            bundle.mu,
+            bundle.sigma,
+            bundle.ref_features,
+            bundle.holdout_features,
             real.labels[real.holdout_index],
-            a.get("holdout_logits"),
-            a.get("holdout_is_logits"),
+            bundle.holdout_logits,
+            bundle.holdout_is_logits,
             f"computed:{url}",
             bundle.digest,
             bundle.meta,
         )
-    if eval_cfg.reference_npz:
+    if eval_cfg.reference_npz:  # FID against these statistics; the held-out baselines stay as computed
         width = spec.width if reference is None else reference.mu.shape[0]  # the extractor's actual width
         mu, sigma, data = reference_stats.read_reference_npz(eval_cfg.reference_npz, width, name)
-        held = reference or Reference(mu, sigma, None, None, None, None, None, "", "", {})
-        reference = Reference(
-            mu,
-            sigma,
-            None,
-            held.holdout_features,
-            held.holdout_labels,
-            held.holdout_logits,
-            held.holdout_is_logits,
-            f"npz:{eval_cfg.reference_npz}",
-            metrics.sha256_bytes(data),
-            {**held.meta, "reference_npz": eval_cfg.reference_npz},
+        held = reference or Reference(mu, sigma, None, None, None, None, None, "", "")
+        reference = replace(
+            held,
+            mu=mu,
+            sigma=sigma,
+            ref_features=None,
+            source=f"npz:{eval_cfg.reference_npz}",
+            digest=metrics.sha256_bytes(data),
+            meta={**held.meta, "reference_npz": eval_cfg.reference_npz},
         )
     if reference is None or extractor is None:
         raise ValueError("no reference: neither the dataset's real images nor eval.reference_npz")
@@ -282,37 +300,28 @@ def _build_bundle(
     """Compute and write one reference bundle. ``extractor`` None: train the classifier first, on the
     reference half only (the held-out half stays unseen, like generated samples)."""
     logger = _logger()
-    ref_images, ref_labels = real.images[real.reference_index], real.labels[real.reference_index]
     meta: dict[str, Any] = {"feature_extractor": name, "real_images": real.meta}
-    state = None
+    state = {}
     if extractor is None:
+        ref_images, ref_labels = real.images[real.reference_index], real.labels[real.reference_index]
         _, ch, res, _ = real.images.shape
         cfg = ClassifierConfig(in_channels=ch, resolution=res, num_classes=num_classes)
-        x = torch.from_numpy(ref_images).to(device).float() / 127.5 - 1
-        logger.info(f"feature classifier: training on {len(x)} real images, once per dataset (cached in {url})")
+        logger.info(f"feature classifier: training on {len(ref_images)} real images, once per dataset ({url})")
         with Progress("feature classifier training", 0, "step", logger) as progress:
-            y = torch.from_numpy(ref_labels).to(device)
+            x, y = to_pixels(ref_images, device), torch.from_numpy(ref_labels).to(device)
             model = train_classifier(x, y, cfg, seed=reference_stats.SPLIT_SEED, on_step=progress.step_of)
         state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         meta.update(classifier_config=cfg.to_dict(), classifier_recipe_version=RECIPE_VERSION)
         extractor = ClassifierExtractor(model, device)
-    ref = extract(extractor, ref_images)
+    ref = extract(extractor, real.images[real.reference_index])
     held = extract(extractor, real.images[real.holdout_index])
-    mu, sigma = gaussian_stats(ref.features)
-    stats = {
-        "mu": mu,
-        "sigma": sigma,
-        "ref_features": ref.features,
-        "holdout_features": held.features,
-    }
-    if held.is_logits is not None:
-        stats["holdout_is_logits"] = held.is_logits
     if held.class_logits is not None:
-        stats["holdout_logits"] = held.class_logits
         acc = float((held.class_logits.argmax(1) == real.labels[real.holdout_index]).mean())
         meta["classifier_holdout_accuracy"] = acc
         logger.info("classifier: held-out accuracy %.4f on %d real images", acc, len(held.class_logits))
-    reference_stats.write_bundle(url, stats, meta, state)
+    mu, sigma = gaussian_stats(ref.features)
+    bundle = Bundle(mu, sigma, ref.features, held.features, held.class_logits, held.is_logits, state, meta)
+    reference_stats.write_bundle(url, bundle)
     logger.info(
         "reference %s: %d reference + %d held-out images, %d-d features",
         url,
@@ -337,11 +346,11 @@ def evaluate_checkpoint(
     check_protocol(eval_cfg)
     digest, phash = checkpoints.digest(url), protocol_hash(eval_cfg)
     eval_dir = root.run(run).eval_dir(step, eval_cfg.protocol)
-    cached = metrics.cached_record(eval_dir, digest, phash)
-    if cached is None:
+    record = _cached(eval_dir, digest, phash)
+    if record is None:
         with metrics.exclusive(fs.join(eval_dir, metrics.LOCK_FILE)):
-            cached = metrics.cached_record(eval_dir, digest, phash)  # made while we waited?
-            if cached is None:
+            record = _cached(eval_dir, digest, phash)  # made while we waited?
+            if record is None:
                 dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
                 record = _evaluate(url, root, run, step, run_cfg.data, eval_cfg, digest, phash, eval_dir, dev)
                 publish_artifacts(record)
@@ -350,7 +359,6 @@ def evaluate_checkpoint(
         f"{run} step {step} protocol {eval_cfg.protocol}: cached record in {eval_dir}"
         " (same checkpoint digest and protocol hash); nothing sampled"
     )
-    record = EvalRecord.from_json(cached)
     publish_artifacts(record)
     return record
 
@@ -459,16 +467,10 @@ def _evaluate(
         eval_dir=eval_dir,
         num_samples=n,
         num_classes=num_classes,
-        feature_extractor={
-            "name": extractor.name,
-            "id": extractor.id,
-            "classifier_holdout_accuracy": reference.meta.get("classifier_holdout_accuracy"),
-        },
-        reference={
-            "source": reference.source,
-            "digest": reference.digest,
-            "real_images": real.meta if real is not None else None,
-        },
+        feature_extractor=ExtractorInfo(
+            extractor.name, extractor.id, reference.meta.get("classifier_holdout_accuracy")
+        ),
+        reference=ReferenceInfo(reference.source, reference.digest, real.meta if real is not None else None),
         real=baseline,
         samplers=per_sampler,
         files=files,
