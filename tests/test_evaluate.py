@@ -358,6 +358,23 @@ def test_cli_evaluate_prints_the_table(digits, capsys) -> None:
     assert "inception-v3-compat" in capsys.readouterr().out
 
 
+def test_the_feature_extractor_choices_are_the_registry_keys() -> None:
+    from typing import get_args
+
+    from prefect.utilities.callables import parameter_schema
+
+    from dumo_model.features import FEATURE_EXTRACTORS
+    from flows.evaluate import evaluate_checkpoint_flow
+
+    names = tuple(FEATURE_EXTRACTORS)
+    assert names == ("classifier", "inception-v3-compat")
+    assert get_args(EvalConfig.model_fields["feature_extractor"].annotation) == names
+    schema = parameter_schema(evaluate_checkpoint_flow.fn).model_dump()["properties"]["feature_extractor"]
+    assert tuple(schema["anyOf"][0]["enum"]) == names
+    with pytest.raises(ValueError, match="feature_extractor"):
+        EvalConfig(feature_extractor="inception-v4")
+
+
 def test_frechet_distance_matches_torch_fidelity() -> None:
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
