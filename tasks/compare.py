@@ -160,8 +160,30 @@ def _budget_order(budget: str) -> tuple[int, int]:
     return (0 if kind == "steps" else 1, int(number))
 
 
-def summarize(results: list[ArmResult]) -> list[dict[str, Any]]:
-    """Rows per (budget, arm, sampler): mean and min/max over seeds of each metric (as results.json has them)."""
+@dataclass(frozen=True)
+class SeedRange:
+    mean: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison table (and of results.json): an arm's sampler at one budget, over seeds."""
+
+    budget: str
+    arm: str
+    train_steps: int
+    sampler: str  # its label
+    nfe: int  # network evaluations per sample
+    seeds: int
+    class_accuracy: SeedRange | None  # the METRICS, each None where no seed measured it
+    fid: SeedRange | None
+    spread_ratio: SeedRange | None
+
+
+def summarize(results: list[ArmResult]) -> list[Row]:
+    """Rows per (budget, arm, sampler): mean and min/max over seeds of each metric."""
     groups: dict[tuple[str, str, str], list[Scores]] = {}
     train_steps: dict[tuple[str, str], int] = {}
     for res in results:
@@ -172,29 +194,22 @@ def summarize(results: list[ArmResult]) -> list[dict[str, Any]]:
     rows = []
     order = sorted(groups.items(), key=lambda kv: (_budget_order(kv[0][0]), kv[0][1], steps_of(kv[0][2])))
     for (budget, arm, label), ms in order:
-        row: dict[str, Any] = {
-            "budget": budget,
-            "arm": arm,
-            "train_steps": train_steps[(budget, arm)],
-            "sampler": label,
-            "nfe": steps_of(label),
-            "seeds": len(ms),
-        }
+        ranges = {}
         for key, _, _ in METRICS:
             vals = [getattr(m, key) for m in ms if getattr(m, key) is not None]
-            row[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else None
-        rows.append(row)
+            ranges[key] = SeedRange(statistics.fmean(vals), min(vals), max(vals)) if vals else None
+        rows.append(Row(budget, arm, train_steps[(budget, arm)], label, steps_of(label), len(ms), **ranges))
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], real: Scores | None = None) -> str:
+def markdown_table(rows: list[Row], real: Scores | None = None) -> str:
     head = ["budget", "arm", "train steps", "sampler", "NFE", "seeds"] + [name for _, name, _ in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["budget"], r["arm"], str(r["train_steps"]), r["sampler"], str(r["nfe"]), str(r["seeds"])]
+        cells = [r.budget, r.arm, str(r.train_steps), r.sampler, str(r.nfe), str(r.seeds)]
         for key, _, _ in METRICS:
-            s = r[key]
-            cells.append("" if s is None else f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
+            s = getattr(r, key)
+            cells.append("" if s is None else f"{s.mean:.3f} [{s.min:.3f}, {s.max:.3f}]")
         lines.append("| " + " | ".join(cells) + " |")
     note = "Each cell: mean over seeds [min, max]."
     if real:
@@ -206,38 +221,40 @@ def markdown_table(rows: list[dict[str, Any]], real: Scores | None = None) -> st
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def winner(rows: list[dict[str, Any]], nfe: int = 1, metric: str = "class_accuracy") -> str | None:
+def winner(rows: list[Row], nfe: int = 1, metric: str = "class_accuracy") -> str | None:
     """The arm with the best mean ``metric`` at ``nfe`` network evaluations, last budget of the table."""
     if not rows:
         return None
-    budget = max((r["budget"] for r in rows), key=_budget_order)
+    budget = max((r.budget for r in rows), key=_budget_order)
     higher = {k: h for k, _, h in METRICS}[metric]
-    cands = [r for r in rows if r["budget"] == budget and r["nfe"] == nfe and r[metric] is not None]
+    cands = [r for r in rows if r.budget == budget and r.nfe == nfe and getattr(r, metric) is not None]
     if not cands:
         return None
-    best = (max if higher else min)(cands, key=lambda r: r[metric]["mean"])
-    return best["arm"]
+    best = (max if higher else min)(cands, key=lambda r: getattr(r, metric).mean)
+    return best.arm
 
 
-def plot_png(rows: list[dict[str, Any]]) -> bytes:
+def plot_png(rows: list[Row]) -> bytes:
     """Metric against sampling steps, one line per arm (last budget of the table), error bars = seed range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budget = max((r["budget"] for r in rows), key=_budget_order)
+    budget = max((r.budget for r in rows), key=_budget_order)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
     for ax, (key, name, _) in zip(axes, METRICS):
-        for arm in dict.fromkeys(r["arm"] for r in rows):
+        for arm in dict.fromkeys(r.arm for r in rows):
             pts = sorted(
-                (r["nfe"], r[key]) for r in rows if r["arm"] == arm and r["budget"] == budget and r[key] is not None
+                ((r.nfe, getattr(r, key)) for r in rows if r.arm == arm and r.budget == budget),
+                key=lambda p: p[0],
             )
+            pts = [p for p in pts if p[1] is not None]
             if not pts:
                 continue
             x = [p[0] for p in pts]
-            y = [p[1]["mean"] for p in pts]
-            err = [[p[1]["mean"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["mean"] for p in pts]]
+            y = [p[1].mean for p in pts]
+            err = [[p[1].mean - p[1].min for p in pts], [p[1].max - p[1].mean for p in pts]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps (network evaluations)")
@@ -264,7 +281,7 @@ def write_comparison(cfg: PipelineConfig, arms: list[Arm], results: list[ArmResu
         fs.write_text(fs.join(out, "configs", f"{a.config.name}.yaml"), a.config.to_yaml())
     payload = {
         "name": cfg.name,
-        "rows": rows,
+        "rows": [asdict(r) for r in rows],
         "real": None if real is None else asdict(real),
         "winner_1_step_class_accuracy": winner(rows),
         "runs": [

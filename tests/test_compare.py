@@ -14,6 +14,7 @@ from storage.layout import Root
 from tasks.compare import (
     Arm,
     ArmResult,
+    SeedRange,
     arm_configs,
     check_identical,
     markdown_table,
@@ -101,8 +102,8 @@ def fake_results():
 
 def test_summary_table_and_winner():
     rows = summarize(fake_results())
-    dumo1 = next(r for r in rows if r["arm"] == "dumo" and r["sampler"] == "1-step")
-    assert dumo1["seeds"] == 2 and dumo1["class_accuracy"] == {"mean": pytest.approx(0.85), "min": 0.8, "max": 0.9}
+    dumo1 = next(r for r in rows if r.arm == "dumo" and r.sampler == "1-step")
+    assert dumo1.seeds == 2 and dumo1.class_accuracy == SeedRange(pytest.approx(0.85), 0.8, 0.9)
     table = markdown_table(rows, Scores(100, fid=1.0, class_accuracy=0.99))
     assert (
         "class acc 0.990, FID 1.000." in table
