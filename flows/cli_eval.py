@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 from flows.cli_common import add_prefect_switch
+from tasks.config import FeatureExtractorName
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--feature-extractor",
-        choices=["classifier", "inception-v3-compat"],
+        choices=get_args(FeatureExtractorName),  # the keys of dumo_model.features.FEATURE_EXTRACTORS
         help="classifier: a small CNN trained once on the dataset's labelled images (offline; FID in "
         "its feature space, class accuracy); inception-v3-compat: torch-fidelity's Inception-v3 (FID, "
         "IS, KID), needs its weights file",
@@ -88,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
         quiet_prefect_tracebacks()
         record = evaluate_checkpoint_flow(checkpoint_url=args.checkpoint_url, **overrides)
     if args.json:
-        print(json.dumps(record, indent=1))
+        print(json.dumps(record.to_json(), indent=1))
         return 0
     from tasks.cli_support import display, results_table
 
-    print(results_table(record))
-    print(f"\nmetrics and sample grid: {display(record['eval_dir'])}")
+    print(results_table(record.to_json()))
+    print(f"\nmetrics and sample grid: {display(record.eval_dir)}")
     return 0

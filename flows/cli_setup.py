@@ -27,7 +27,7 @@ STARTUP_ENV = {
 }
 
 
-PROJECT_LOGGERS = ("dumo", "tasks", "storage")  # dumo.train, dumo.evaluate, tasks.eval_metrics, storage.metrics...
+PROJECT_LOGGERS = ("dumo", "tasks", "storage")  # dumo.train, dumo.evaluate, storage.reference_stats, storage.metrics...
 
 
 def prepare_environment() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.pipeline import build_store
-from tasks.compare import arm_configs, check_identical, publish_comparison_task, store_shape
+from tasks.compare import ArmResult, arm_configs, check_identical, publish_comparison_task, store_shape
 from tasks.config import load_config
 from tasks.evaluate import evaluate_checkpoint_task
 from tasks.train import train_run
@@ -28,23 +28,16 @@ def compare_objectives(config: str = "demo", overrides: list[str] | None = None)
     logger = get_run_logger()
     logger.info(
         f"comparing {list(cfg.compare.arms)} x seeds {list(cfg.compare.seeds)} x budgets "
-        f"{list(dict.fromkeys(a['budget'] for a in arms))}: {len(arms)} runs"
+        f"{list(dict.fromkeys(a.budget for a in arms))}: {len(arms)} runs"
     )
     results = []
     for i, arm in enumerate(arms, 1):
         t0 = time.perf_counter()
-        trained = train_run(arm["config"])
+        trained = train_run(arm.config)
         seconds = time.perf_counter() - t0
-        record = evaluate_checkpoint_task(trained["checkpoint_url"], arm["config"].eval)
-        logger.info(f"arm {i}/{len(arms)} {arm['config'].name}: trained to step {trained['step']} in {seconds:.0f} s")
-        results.append(
-            {
-                **{k: arm[k] for k in ("arm", "seed", "steps", "budget")},
-                "checkpoint_url": trained["checkpoint_url"],
-                "record": record,
-                "train_seconds": round(seconds, 1),
-            }
-        )
+        record = evaluate_checkpoint_task(trained["checkpoint_url"], arm.config.eval)
+        logger.info(f"arm {i}/{len(arms)} {arm.config.name}: trained to step {trained['step']} in {seconds:.0f} s")
+        results.append(ArmResult(arm, trained["checkpoint_url"], record, round(seconds, 1)))
     written = publish_comparison_task(cfg, arms, results)
     logger.info(f"comparison in {written['dir']}; best 1-step class accuracy: {written['winner']}\n{written['table']}")
     return written

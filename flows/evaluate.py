@@ -13,14 +13,18 @@ Protocol overrides are typed parameters; left at None, each checkpoint's run con
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks.evaluate import check_checkpoint, evaluate_checkpoint_task, find_unevaluated_task, resolve_protocol
-
-FeatureExtractor = Literal["classifier", "inception-v3-compat"]
-
+from tasks.config import FeatureExtractorName
+from tasks.evaluate import (
+    EvalRecord,
+    check_checkpoint,
+    evaluate_checkpoint_task,
+    find_unevaluated_task,
+    resolve_protocol,
+)
 
 # The protocol overrides both flows take as parameters (Prefect needs each spelt out in the signature).
 PROTOCOL_PARAMETERS = (
@@ -46,11 +50,11 @@ def evaluate_checkpoint_flow(
     protocol: str | None = None,
     num_samples: int | None = None,
     batch_size: int | None = None,
-    feature_extractor: FeatureExtractor | None = None,
+    feature_extractor: FeatureExtractorName | None = None,
     inception_weights: str | None = None,
     reference_npz: str | None = None,
     seed: int | None = None,
-) -> dict[str, Any]:
+) -> EvalRecord:
     """Evaluate the committed checkpoint at ``checkpoint_url`` (``…/runs/<run>/checkpoints/step-N``).
     ``step``, when given (the event payload carries it), must match the URL. Returns the metrics record;
     a checkpoint already evaluated under the same protocol returns its record without sampling."""
@@ -67,7 +71,7 @@ def reevaluate_checkpoints_flow(
     protocol: str | None = None,
     num_samples: int | None = None,
     batch_size: int | None = None,
-    feature_extractor: FeatureExtractor | None = None,
+    feature_extractor: FeatureExtractorName | None = None,
     inception_weights: str | None = None,
     reference_npz: str | None = None,
     seed: int | None = None,
@@ -77,25 +81,18 @@ def reevaluate_checkpoints_flow(
     evaluated: run, step, protocol and the metrics directory. A failed evaluation does not stop the others;
     the flow fails at the end, naming them."""
     overrides = _overrides(locals())
-    todo = find_unevaluated_task(root, run, None, overrides)
+    todo = find_unevaluated_task(root, run, None, overrides)  # url -> its resolved protocol
     logger = get_run_logger()
     logger.info(f"{len(todo)} checkpoint(s) under {root} without metrics for their protocol")
     done, failed = [], []
-    for url in todo:
-        state = evaluate_checkpoint_task(url, resolve_protocol(url, **overrides), return_state=True)
+    for url, eval_cfg in todo.items():
+        state = evaluate_checkpoint_task(url, eval_cfg, return_state=True)
         if state.is_failed():
             failed.append(url)
             logger.error(f"evaluation of {url} failed: {state.message}")
             continue
-        record = state.result()
-        done.append(
-            {
-                "run": record["run"],
-                "step": record["step"],
-                "protocol": record["protocol"],
-                "eval_dir": record["eval_dir"],
-            }
-        )
+        record: EvalRecord = state.result()
+        done.append({"run": record.run, "step": record.step, "protocol": record.protocol, "eval_dir": record.eval_dir})
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(todo)} evaluations failed: {', '.join(failed)}")
     return done

@@ -1,14 +1,11 @@
-"""Evaluation records and the reference cache, on any root.
+"""Evaluation records, sample files, the sample grid and the lock of an evaluation, on any root.
 
     runs/<run>/evals/step-XXXXXXX/<protocol>/
         metrics.json          the record (schema below); written last, so it is the commit marker
         grid.png              sample grid: one block per sampler, one row per class
         samples.npz           ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) of the protocol's first sampler
         samples-<label>.npz   the same for each further sampler (e.g. ``samples-2-step.npz``)
-    references/<key>/
-        real-images.npz       the real images used as reference (uint8), their labels and the held-out split
-        <extractor>.npz       reference statistics (``mu``, ``sigma``, ADM-style) plus held-out features and,
-                              for the classifier, its weights: one object, so stats and weights always match
+    references/<key>/         the reference cache: storage.reference_stats
 
 A record is a cache entry: it holds the checkpoint digest and the protocol hash, and an evaluation whose
 key matches a record is skipped. Two evaluations of one checkpoint are serialised by ``exclusive`` (a lock
@@ -45,7 +42,6 @@ SCHEMA_VERSION = 1
 METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
 SAMPLES_FILE = "samples.npz"
-REAL_IMAGES_FILE = "real-images.npz"
 LOCK_FILE = ".lock"
 
 
@@ -202,35 +198,6 @@ def grid_png(
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-# -- reference cache ----------------------------------------------------------------------------------
-def reference_key(identity: dict[str, Any]) -> str:
-    """A short stable directory name for a reference: sha256 of its identity (dataset fingerprint,
-    resolution, channels, crop, selection), prefixed with the resolution for people reading the tree."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{identity.get('resolution', 'x')}px-{digest}"
-
-
-def write_npz(url: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
-    """One npz object holding ``arrays`` and ``meta`` (JSON, under the key ``meta``); returns its sha256."""
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-    data = buf.getvalue()
-    fs.write_bytes(url, data)
-    return sha256_bytes(data)
-
-
-def read_npz(url: str) -> tuple[dict[str, np.ndarray], dict[str, Any], str] | None:
-    """(arrays, meta, sha256) of an npz written by ``write_npz``; None when it does not exist."""
-    try:
-        data = fs.read_bytes(url)
-    except FileNotFoundError:
-        return None
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != "meta"}
-        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-    return arrays, meta, sha256_bytes(data)
 
 
 # -- lock ---------------------------------------------------------------------------------------------

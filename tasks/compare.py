@@ -17,16 +17,19 @@ from __future__ import annotations
 import io
 import json
 import statistics
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dumo_model.info import forward_flops, train_step_flops
+from dumo_model.metrics import Scores
 from dumo_model.samplers import SamplerConfig
 from storage import fs
 from storage.layout import Root
 from tasks.config import U_HEAD_TIME_SCALE, PipelineConfig
+from tasks.evaluate import EvalRecord
 from tasks.modeling import dit_config
 
 METRICS = (("class_accuracy", "class acc", True), ("fid", "FID", False), ("spread_ratio", "spread", True))
@@ -40,6 +43,27 @@ ARM_KEYS = {
     ("eval", "protocol"),
     ("objective", "derivative"),  # the meanflow arm's is its official code's (compare.meanflow_derivative)
 }
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One run of the comparison: an objective at one seed and budget, and its resolved config."""
+
+    arm: str  # the objective: flow_matching, meanflow or dumo
+    seed: int
+    steps: int  # training steps
+    budget: str  # "<n> steps" or "<n> passes"
+    config: PipelineConfig
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """An arm after training and evaluation."""
+
+    arm: Arm
+    checkpoint_url: str
+    record: EvalRecord
+    train_seconds: float | None = None
 
 
 def samplers_of(arm: str, cfg: PipelineConfig) -> tuple[SamplerConfig, ...]:
@@ -83,9 +107,9 @@ def steps_for_compute(cfg: PipelineConfig, arm: str, passes: int, latent_shape: 
     return max(1, round(passes * ref / flops(arm_config(cfg, arm, 0, 1))))
 
 
-def arm_configs(cfg: PipelineConfig, latent_shape: tuple[int, int, int] | None = None) -> list[dict[str, Any]]:
-    """One entry per (budget, seed, arm): its label, budget and resolved config. Compute budgets need the
-    latent store's shape (C, H, W), since FLOPs depend on the token count."""
+def arm_configs(cfg: PipelineConfig, latent_shape: tuple[int, int, int] | None = None) -> list[Arm]:
+    """One arm per (budget, seed, objective), with its resolved config. Compute budgets need the latent
+    store's shape (C, H, W), since FLOPs depend on the token count."""
     plan = [(f"{steps} steps", {arm: steps for arm in cfg.compare.arms}) for steps in cfg.compare.budgets]
     if not cfg.compare.budgets and not cfg.compare.compute_budgets:
         plan = [(f"{cfg.train.num_steps} steps", {arm: cfg.train.num_steps for arm in cfg.compare.arms})]
@@ -95,21 +119,12 @@ def arm_configs(cfg: PipelineConfig, latent_shape: tuple[int, int, int] | None =
         plan.append(
             (f"{passes} passes", {a: steps_for_compute(cfg, a, passes, latent_shape) for a in cfg.compare.arms})
         )
-    out = []
-    for budget, steps_of_arm in plan:
-        for seed in cfg.compare.seeds:
-            for arm in cfg.compare.arms:
-                steps = steps_of_arm[arm]
-                out.append(
-                    {
-                        "arm": arm,
-                        "seed": seed,
-                        "steps": steps,
-                        "budget": budget,
-                        "config": arm_config(cfg, arm, seed, steps),
-                    }
-                )
-    return out
+    return [
+        Arm(arm, seed, steps_of_arm[arm], budget, arm_config(cfg, arm, seed, steps_of_arm[arm]))
+        for budget, steps_of_arm in plan
+        for seed in cfg.compare.seeds
+        for arm in cfg.compare.arms
+    ]
 
 
 def _flatten(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -122,16 +137,16 @@ def _flatten(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str,
     return flat
 
 
-def check_identical(arms: list[dict[str, Any]]) -> None:
+def check_identical(arms: list[Arm]) -> None:
     """Raise if two arms differ in anything but the arm's own keys (ARM_KEYS)."""
     if not arms:
         raise ValueError("no arms to compare")
-    ref = _flatten(arms[0]["config"].model_dump(mode="json"))
+    ref = _flatten(arms[0].config.model_dump(mode="json"))
     for arm in arms[1:]:
-        flat = _flatten(arm["config"].model_dump(mode="json"))
+        flat = _flatten(arm.config.model_dump(mode="json"))
         diff = sorted(".".join(k) for k in set(ref) | set(flat) if k not in ARM_KEYS and ref.get(k) != flat.get(k))
         if diff:
-            raise ValueError(f"arm {arm['config'].name} differs from {arms[0]['config'].name} in {diff}")
+            raise ValueError(f"arm {arm.config.name} differs from {arms[0].config.name} in {diff}")
 
 
 def steps_of(label: str) -> int:
@@ -145,84 +160,101 @@ def _budget_order(budget: str) -> tuple[int, int]:
     return (0 if kind == "steps" else 1, int(number))
 
 
-def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class SeedRange:
+    mean: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison table (and of results.json): an arm's sampler at one budget, over seeds."""
+
+    budget: str
+    arm: str
+    train_steps: int
+    sampler: str  # its label
+    nfe: int  # network evaluations per sample
+    seeds: int
+    class_accuracy: SeedRange | None  # the METRICS, each None where no seed measured it
+    fid: SeedRange | None
+    spread_ratio: SeedRange | None
+
+
+def summarize(results: list[ArmResult]) -> list[Row]:
     """Rows per (budget, arm, sampler): mean and min/max over seeds of each metric."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[Scores]] = {}
     train_steps: dict[tuple[str, str], int] = {}
     for res in results:
-        budget = res.get("budget", f"{res['steps']} steps")
-        train_steps[(budget, res["arm"])] = res["steps"]
-        for label, m in res["record"]["samplers"].items():
-            groups.setdefault((budget, res["arm"], label), []).append(m)
+        budget, arm = res.arm.budget, res.arm.arm
+        train_steps[(budget, arm)] = res.arm.steps
+        for label, m in res.record.samplers.items():
+            groups.setdefault((budget, arm, label), []).append(m.scores)
     rows = []
     order = sorted(groups.items(), key=lambda kv: (_budget_order(kv[0][0]), kv[0][1], steps_of(kv[0][2])))
     for (budget, arm, label), ms in order:
-        row: dict[str, Any] = {
-            "budget": budget,
-            "arm": arm,
-            "train_steps": train_steps[(budget, arm)],
-            "sampler": label,
-            "nfe": steps_of(label),
-            "seeds": len(ms),
-        }
+        ranges = {}
         for key, _, _ in METRICS:
-            vals = [m[key] for m in ms if m.get(key) is not None]
-            row[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else None
-        rows.append(row)
+            vals = [getattr(m, key) for m in ms if getattr(m, key) is not None]
+            ranges[key] = SeedRange(statistics.fmean(vals), min(vals), max(vals)) if vals else None
+        rows.append(Row(budget, arm, train_steps[(budget, arm)], label, steps_of(label), len(ms), **ranges))
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], real: dict[str, Any] | None = None) -> str:
+def markdown_table(rows: list[Row], real: Scores | None = None) -> str:
     head = ["budget", "arm", "train steps", "sampler", "NFE", "seeds"] + [name for _, name, _ in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["budget"], r["arm"], str(r["train_steps"]), r["sampler"], str(r["nfe"]), str(r["seeds"])]
+        cells = [r.budget, r.arm, str(r.train_steps), r.sampler, str(r.nfe), str(r.seeds)]
         for key, _, _ in METRICS:
-            s = r[key]
-            cells.append("" if s is None else f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
+            s = getattr(r, key)
+            cells.append("" if s is None else f"{s.mean:.3f} [{s.min:.3f}, {s.max:.3f}]")
         lines.append("| " + " | ".join(cells) + " |")
     note = "Each cell: mean over seeds [min, max]."
     if real:
         note += (
             " Real data against itself: "
-            + ", ".join(f"{name} {real[key]:.3f}" for key, name, _ in METRICS if real.get(key) is not None)
+            + ", ".join(f"{n} {getattr(real, k):.3f}" for k, n, _ in METRICS if getattr(real, k) is not None)
             + "."
         )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def winner(rows: list[dict[str, Any]], nfe: int = 1, metric: str = "class_accuracy") -> str | None:
+def winner(rows: list[Row], nfe: int = 1, metric: str = "class_accuracy") -> str | None:
     """The arm with the best mean ``metric`` at ``nfe`` network evaluations, last budget of the table."""
     if not rows:
         return None
-    budget = max((r["budget"] for r in rows), key=_budget_order)
+    budget = max((r.budget for r in rows), key=_budget_order)
     higher = {k: h for k, _, h in METRICS}[metric]
-    cands = [r for r in rows if r["budget"] == budget and r["nfe"] == nfe and r[metric] is not None]
+    cands = [r for r in rows if r.budget == budget and r.nfe == nfe and getattr(r, metric) is not None]
     if not cands:
         return None
-    best = (max if higher else min)(cands, key=lambda r: r[metric]["mean"])
-    return best["arm"]
+    best = (max if higher else min)(cands, key=lambda r: getattr(r, metric).mean)
+    return best.arm
 
 
-def plot_png(rows: list[dict[str, Any]]) -> bytes:
+def plot_png(rows: list[Row]) -> bytes:
     """Metric against sampling steps, one line per arm (last budget of the table), error bars = seed range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budget = max((r["budget"] for r in rows), key=_budget_order)
+    budget = max((r.budget for r in rows), key=_budget_order)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
     for ax, (key, name, _) in zip(axes, METRICS):
-        for arm in dict.fromkeys(r["arm"] for r in rows):
+        for arm in dict.fromkeys(r.arm for r in rows):
             pts = sorted(
-                (r["nfe"], r[key]) for r in rows if r["arm"] == arm and r["budget"] == budget and r[key] is not None
+                ((r.nfe, getattr(r, key)) for r in rows if r.arm == arm and r.budget == budget),
+                key=lambda p: p[0],
             )
+            pts = [p for p in pts if p[1] is not None]
             if not pts:
                 continue
             x = [p[0] for p in pts]
-            y = [p[1]["mean"] for p in pts]
-            err = [[p[1]["mean"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["mean"] for p in pts]]
+            y = [p[1].mean for p in pts]
+            err = [[p[1].mean - p[1].min for p in pts], [p[1].max - p[1].mean for p in pts]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps (network evaluations)")
@@ -237,41 +269,41 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def write_comparison(cfg: PipelineConfig, arms: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict:
+def write_comparison(cfg: PipelineConfig, arms: list[Arm], results: list[ArmResult]) -> dict:
     """table.md, results.json, plot.png and each arm's resolved config under <root>/comparisons/<name>/."""
     out = Root(cfg.root).comparison(cfg.name)
     rows = summarize(results)
-    real = results[0]["record"].get("real") if results else None
+    real = results[0].record.real if results else None
     table = markdown_table(rows, real)
     fs.write_text(fs.join(out, "table.md"), table)
     fs.write_bytes(fs.join(out, "plot.png"), plot_png(rows))
     for a in arms:
-        fs.write_text(fs.join(out, "configs", f"{a['config'].name}.yaml"), a["config"].to_yaml())
+        fs.write_text(fs.join(out, "configs", f"{a.config.name}.yaml"), a.config.to_yaml())
     payload = {
         "name": cfg.name,
-        "rows": rows,
-        "real": real,
+        "rows": [asdict(r) for r in rows],
+        "real": None if real is None else asdict(real),
         "winner_1_step_class_accuracy": winner(rows),
         "runs": [
             {
-                "arm": r["arm"],
-                "seed": r["seed"],
-                "steps": r["steps"],
-                "budget": r.get("budget"),
-                "checkpoint_url": r["checkpoint_url"],
-                "eval_dir": r["record"].get("eval_dir"),
-                "train_seconds": r.get("train_seconds"),
+                "arm": r.arm.arm,
+                "seed": r.arm.seed,
+                "steps": r.arm.steps,
+                "budget": r.arm.budget,
+                "checkpoint_url": r.checkpoint_url,
+                "eval_dir": r.record.eval_dir,
+                "train_seconds": r.train_seconds,
             }
             for r in results
         ],
-        "configs": {a["config"].name: a["config"].model_dump(mode="json") for a in arms},
+        "configs": {a.config.name: a.config.model_dump(mode="json") for a in arms},
     }
     fs.write_text(fs.join(out, "results.json"), json.dumps(payload, indent=1))
     return {"dir": out, "table": table, "rows": rows, "winner": payload["winner_1_step_class_accuracy"]}
 
 
 @task(name="publish-comparison", cache_policy=NO_CACHE)
-def publish_comparison_task(cfg: PipelineConfig, arms: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict:
+def publish_comparison_task(cfg: PipelineConfig, arms: list[Arm], results: list[ArmResult]) -> dict:
     from prefect.artifacts import create_markdown_artifact
 
     written = write_comparison(cfg, arms, results)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dumo_model.dit import model_config
+from dumo_model.features import FeatureExtractorName
 from dumo_model.objectives import ObjectiveConfig
 from dumo_model.pretrained import TIME_SCALE
 from dumo_model.samplers import SamplerConfig
@@ -200,7 +201,7 @@ class EvalConfig(Section):
     samplers: tuple[SamplerConfig, ...] = (SamplerConfig("one_step"), SamplerConfig("two_step"))
     num_samples: int = Field(1000, ge=1)  # balanced over classes
     batch_size: int = Field(250, ge=1)
-    feature_extractor: Literal["classifier", "inception-v3-compat"] = "classifier"
+    feature_extractor: FeatureExtractorName = "classifier"  # a key of dumo_model.features.FEATURE_EXTRACTORS
     inception_weights: str | None = None  # path of pt_inception-2015-12-05 weights for inception-v3-compat
     reference_npz: str | None = None  # ADM-style npz with mu and sigma (e.g. VIRTUAL_imagenet256_labeled.npz)
     seed: int = 0

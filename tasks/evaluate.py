@@ -1,9 +1,11 @@
-"""Evaluate a committed checkpoint: sample, decode, measure, record. Plain functions first, Prefect tasks last.
+"""Evaluate a committed checkpoint: sample, decode, measure, record. The orchestration of one evaluation
+over the library (metrics and feature extractors: dumo_model.metrics, dumo_model.features; the reference
+cache and the records: storage.reference_stats, storage.metrics), then the Prefect tasks.
 
 ``evaluate_checkpoint`` loads the EMA weights (safetensors), generates ``num_samples`` class-balanced
 samples per sampler of the protocol (the same noise for every sampler, from the protocol seed), decodes them
-with the latent store's autoencoder, maps them to uint8 images and scores them against the real data (see
-``tasks.eval_metrics``). It writes ``samples*.npz``, ``grid.png`` and, last, ``metrics.json`` into the run's
+with the latent store's autoencoder, maps them to uint8 images and scores them against the real data. It
+writes ``samples*.npz``, ``grid.png`` and, last, ``metrics.json`` into the run's
 ``evals/step-XXXXXXX/<protocol>/`` and publishes a markdown table and the grid as Prefect artifacts inside
 a flow run. The record is the cache: a checkpoint whose digest and protocol hash match a record is not
 evaluated again, and two evaluations of one checkpoint at once are serialised by a lock in that directory.
@@ -16,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -27,12 +29,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from dumo_model.samplers import sample
-from storage import checkpoints, fs, latents, metrics
-from storage.autoencoders import AutoencoderSpec, describe, get_autoencoder
+from dumo_model.classifier import RECIPE_VERSION, ClassifierConfig, FeatureClassifier, train_classifier
+from dumo_model.features import FEATURE_EXTRACTORS, ClassifierExtractor, Extractor, extract, to_pixels
+from dumo_model.metrics import NN_MAX_QUERIES, Reference, Scores, gaussian_stats, real_baseline, score, to_uint8
+from dumo_model.samplers import SamplerConfig, sample
+from storage import checkpoints, fs, latents, metrics, reference_stats
+from storage.autoencoders import AutoencoderSpec, describe, file_digest, get_autoencoder
 from storage.layout import Root, run_of_checkpoint
-from tasks import artifacts, eval_metrics
-from tasks.config import EvalConfig, PipelineConfig, config_from_yaml_text
+from storage.reference_stats import Bundle, RealImages
+from tasks import artifacts
+from tasks.config import DataConfig, EvalConfig, config_from_yaml_text
 from tasks.progress import Progress, run_logger
 from tasks.run_context import in_prefect_run
 
@@ -49,6 +55,89 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
     return run_logger(log.name)
 
 
+# -- the record ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExtractorInfo:
+    name: str  # a key of FEATURE_EXTRACTORS
+    id: str | None  # inception: named after its weights' digest
+    classifier_holdout_accuracy: float | None  # classifier: its accuracy on the held-out real images
+
+
+@dataclass(frozen=True)
+class ReferenceInfo:
+    source: str  # "computed:<url>" or "npz:<path>"
+    digest: str  # sha256 of that object
+    real_images: dict[str, Any] | None  # the real images' identity and source (storage.reference_stats)
+
+
+@dataclass(frozen=True)
+class SamplerResult:
+    """One sampler's part of the record; in metrics.json its scores sit beside the sampler settings."""
+
+    sampler: SamplerConfig
+    scores: Scores
+    seconds: float
+    samples_file: str
+    samples_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sampler": asdict(self.sampler), **asdict(self.scores), "seconds": self.seconds} | {
+            "samples_file": self.samples_file,
+            "samples_sha256": self.samples_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SamplerResult:
+        return cls(SamplerConfig(**d["sampler"]), _scores(d), d["seconds"], d["samples_file"], d["samples_sha256"])
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """What one evaluation measured; written as metrics.json (storage.metrics), which other tools read."""
+
+    schema_version: int
+    evaluation_id: str
+    run: str
+    step: int
+    checkpoint_url: str
+    checkpoint_digest: str
+    protocol: str
+    protocol_hash: str
+    protocol_config: dict[str, Any]  # the EvalConfig, as JSON
+    eval_dir: str
+    num_samples: int
+    num_classes: int
+    feature_extractor: ExtractorInfo
+    reference: ReferenceInfo
+    real: Scores | None  # held-out real images: what a perfect generator would score
+    samplers: dict[str, SamplerResult]  # by sampler label, in protocol order
+    files: dict[str, str]  # file name -> sha256
+    device: str
+    seconds: float
+    created_at: str
+    software: dict[str, str | None]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out |= {"feature_extractor": asdict(self.feature_extractor), "reference": asdict(self.reference)}
+        out["real"] = None if self.real is None else asdict(self.real)
+        out["samplers"] = {label: s.to_json() for label, s in self.samplers.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvalRecord:
+        values = {f.name: d[f.name] for f in fields(cls)}
+        values["feature_extractor"] = ExtractorInfo(**d["feature_extractor"])
+        values["reference"] = ReferenceInfo(**d["reference"])
+        values["real"] = None if d["real"] is None else _scores(d["real"])
+        values["samplers"] = {label: SamplerResult.from_json(s) for label, s in d["samplers"].items()}
+        return cls(**values)
+
+
+def _scores(d: dict[str, Any]) -> Scores:
+    return Scores(**{f.name: d.get(f.name) for f in fields(Scores)})
+
+
 # -- protocol -----------------------------------------------------------------------------------------
 def protocol_hash(cfg: EvalConfig) -> str:
     """sha256 of what an evaluation measures: samplers, sample count, seed, feature extractor and reference.
@@ -59,6 +148,14 @@ def protocol_hash(cfg: EvalConfig) -> str:
     ident["reference_npz"] = cfg.reference_npz.rsplit("/", 1)[-1] if cfg.reference_npz else None
     ident["schema_version"] = metrics.SCHEMA_VERSION
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_step(checkpoint_url: str, step: int | None = None) -> tuple[str, int]:
+    """(run, step) of a checkpoint URL; ``step``, when given (an event payload carries it), must match."""
+    _, run, url_step = run_of_checkpoint(checkpoint_url)
+    if step is not None and int(step) != url_step:
+        raise ValueError(f"step {step} does not match the checkpoint URL's step {url_step}: {checkpoint_url}")
+    return run, url_step
 
 
 def check_checkpoint(checkpoint_url: str, step: int | None = None) -> tuple[str, int]:
@@ -78,7 +175,8 @@ def check_checkpoint(checkpoint_url: str, step: int | None = None) -> tuple[str,
 
 def resolve_protocol(checkpoint_url: str, eval_cfg: EvalConfig | None = None, **overrides: Any) -> EvalConfig:
     """The protocol for a checkpoint: ``eval_cfg``, else the ``eval`` section of the run config saved in the
-    checkpoint, with the non-None ``overrides`` (EvalConfig fields) applied and validated."""
+    checkpoint, with the non-None ``overrides`` (EvalConfig fields) applied. The one place where a protocol
+    is validated: everything downstream takes the EvalConfig it returns."""
     if eval_cfg is None:
         check_checkpoint(checkpoint_url)
     base = eval_cfg or config_from_yaml_text(checkpoints.read_config_yaml(checkpoint_url)).eval
@@ -89,73 +187,173 @@ def resolve_protocol(checkpoint_url: str, eval_cfg: EvalConfig | None = None, **
 def check_protocol(eval_cfg: EvalConfig) -> None:
     """What can be checked of a protocol before any work: a reference npz exists and fits the extractor."""
     if eval_cfg.reference_npz:
-        width = eval_metrics.feature_width(eval_cfg.feature_extractor)
-        eval_metrics.read_reference_npz(eval_cfg.reference_npz, width, eval_cfg.feature_extractor)
+        width = FEATURE_EXTRACTORS[eval_cfg.feature_extractor].width
+        reference_stats.read_reference_npz(eval_cfg.reference_npz, width, eval_cfg.feature_extractor)
 
 
-def checkpoint_step(checkpoint_url: str, step: int | None = None) -> tuple[str, int]:
-    """(run, step) of a checkpoint URL; ``step``, when given (an event payload carries it), must match."""
-    _, run, url_step = run_of_checkpoint(checkpoint_url)
-    if step is not None and int(step) != url_step:
-        raise ValueError(f"step {step} does not match the checkpoint URL's step {url_step}: {checkpoint_url}")
-    return run, url_step
-
-
-def current_record(checkpoint_url: str, eval_cfg: EvalConfig) -> dict[str, Any] | None:
+def current_record(checkpoint_url: str, eval_cfg: EvalConfig) -> EvalRecord | None:
     """The record of this checkpoint under this protocol, or None when it has to be evaluated."""
     root, run, step = run_of_checkpoint(checkpoint_url)
     eval_dir = root.run(run).eval_dir(step, eval_cfg.protocol)
-    return metrics.cached_record(eval_dir, checkpoints.digest(checkpoint_url), protocol_hash(eval_cfg))
+    return _cached(eval_dir, checkpoints.digest(checkpoint_url), protocol_hash(eval_cfg))
+
+
+def _cached(eval_dir: str, checkpoint_digest: str, phash: str) -> EvalRecord | None:
+    found = metrics.cached_record(eval_dir, checkpoint_digest, phash)
+    return None if found is None else EvalRecord.from_json(found)
 
 
 def find_unevaluated(
     root_url: str, run: str | None = None, eval_cfg: EvalConfig | None = None, overrides: dict[str, Any] | None = None
-) -> list[str]:
+) -> dict[str, EvalConfig]:
     """Committed checkpoints under ``root_url`` (of ``run``, or of every run) without a current record for
-    the protocol: ``eval_cfg``, else each checkpoint's own run protocol; ``overrides`` (EvalConfig fields)
-    applied to either."""
+    the protocol, each with that protocol (resolved once, here): ``eval_cfg``, else each checkpoint's own run
+    protocol; ``overrides`` (EvalConfig fields) applied to either."""
     root = Root(root_url)
-    runs = [run] if run else fs.listdir(root.runs)
-    todo = []
-    for name in runs:
+    todo = {}
+    for name in [run] if run else fs.listdir(root.runs):
         layout = root.run(name)
         for step in checkpoints.committed_steps(layout):
             url = layout.checkpoint(step)
-            if current_record(url, resolve_protocol(url, eval_cfg, **(overrides or {}))) is None:
-                todo.append(url)
+            protocol = resolve_protocol(url, eval_cfg, **(overrides or {}))
+            if current_record(url, protocol) is None:
+                todo[url] = protocol
     return todo
 
 
+# -- reference: real images, feature extractor and its statistics ---------------------------------------
+def load_real_images(root: Root, store_url: str, tree_urls: list[str]) -> RealImages:
+    """The store's real images (cached in the reference cache), read with the protocol's pixel mapping."""
+    logger = _logger()
+    return reference_stats.load_real_images(
+        root,
+        store_url,
+        tree_urls,
+        lambda x: to_uint8(torch.from_numpy(x)).numpy(),
+        logger,
+        lambda what, total: Progress(what, total, "image", logger),
+    )
+
+
+def prepare(
+    root: Root, real: RealImages | None, eval_cfg: EvalConfig, num_classes: int, device: torch.device
+) -> tuple[Extractor, Reference]:
+    """The feature extractor and its reference statistics, computed once per (real images, extractor) and
+    cached as one object under ``references/<key>/``; ``eval_cfg.reference_npz`` (ADM-style mu, sigma)
+    replaces the computed statistics for FID."""
+    name = eval_cfg.feature_extractor
+    spec = FEATURE_EXTRACTORS[name]
+    extractor: Extractor | None = None
+    if spec.trained_on_dataset:
+        if real is None:
+            raise ValueError(f"the {name} feature extractor needs the dataset's real images")
+        bundle_name = f"{name}-v{RECIPE_VERSION}"
+    else:
+        path = reference_stats.inception_weights_path(eval_cfg.inception_weights)
+        extractor = spec.implementation(path, file_digest(path), device)  # type: ignore[call-arg]
+        bundle_name = str(extractor.id)
+    reference: Reference | None = None
+    if real is not None:
+        url = reference_stats.bundle_url(root, real, bundle_name)
+        with reference_stats.locked(url):
+            bundle = reference_stats.read_bundle(url)
+            if bundle is None:
+                _build_bundle(url, real, name, extractor, num_classes, device)
+                bundle = reference_stats.read_bundle(url)
+        assert bundle is not None
+        if extractor is None:  # the classifier, as cached (whichever evaluation trained it)
+            model = FeatureClassifier(ClassifierConfig(**bundle.meta["classifier_config"]))
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in bundle.classifier_state.items()})
+            extractor = ClassifierExtractor(model, device)
+        reference = Reference(
+            bundle.mu,
+            bundle.sigma,
+            bundle.ref_features,
+            bundle.holdout_features,
+            real.labels[real.holdout_index],
+            bundle.holdout_logits,
+            bundle.holdout_is_logits,
+            f"computed:{url}",
+            bundle.digest,
+            bundle.meta,
+        )
+    if eval_cfg.reference_npz:  # FID against these statistics; the held-out baselines stay as computed
+        width = spec.width if reference is None else reference.mu.shape[0]  # the extractor's actual width
+        mu, sigma, data = reference_stats.read_reference_npz(eval_cfg.reference_npz, width, name)
+        held = reference or Reference(mu, sigma, None, None, None, None, None, "", "")
+        reference = replace(
+            held,
+            mu=mu,
+            sigma=sigma,
+            ref_features=None,
+            source=f"npz:{eval_cfg.reference_npz}",
+            digest=metrics.sha256_bytes(data),
+            meta={**held.meta, "reference_npz": eval_cfg.reference_npz},
+        )
+    if reference is None or extractor is None:
+        raise ValueError("no reference: neither the dataset's real images nor eval.reference_npz")
+    return extractor, reference
+
+
+def _build_bundle(
+    url: str, real: RealImages, name: str, extractor: Extractor | None, num_classes: int, device: torch.device
+) -> None:
+    """Compute and write one reference bundle. ``extractor`` None: train the classifier first, on the
+    reference half only (the held-out half stays unseen, like generated samples)."""
+    logger = _logger()
+    meta: dict[str, Any] = {"feature_extractor": name, "real_images": real.meta}
+    state = {}
+    if extractor is None:
+        ref_images, ref_labels = real.images[real.reference_index], real.labels[real.reference_index]
+        _, ch, res, _ = real.images.shape
+        cfg = ClassifierConfig(in_channels=ch, resolution=res, num_classes=num_classes)
+        logger.info(f"feature classifier: training on {len(ref_images)} real images, once per dataset ({url})")
+        with Progress("feature classifier training", 0, "step", logger) as progress:
+            x, y = to_pixels(ref_images, device), torch.from_numpy(ref_labels).to(device)
+            model = train_classifier(x, y, cfg, seed=reference_stats.SPLIT_SEED, on_step=progress.step_of)
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        meta.update(classifier_config=cfg.to_dict(), classifier_recipe_version=RECIPE_VERSION)
+        extractor = ClassifierExtractor(model, device)
+    ref = extract(extractor, real.images[real.reference_index])
+    held = extract(extractor, real.images[real.holdout_index])
+    if held.class_logits is not None:
+        acc = float((held.class_logits.argmax(1) == real.labels[real.holdout_index]).mean())
+        meta["classifier_holdout_accuracy"] = acc
+        logger.info("classifier: held-out accuracy %.4f on %d real images", acc, len(held.class_logits))
+    mu, sigma = gaussian_stats(ref.features)
+    bundle = Bundle(mu, sigma, ref.features, held.features, held.class_logits, held.is_logits, state, meta)
+    reference_stats.write_bundle(url, bundle)
+    logger.info(
+        "reference %s: %d reference + %d held-out images, %d-d features",
+        url,
+        len(ref.features),
+        len(held.features),
+        ref.features.shape[1],
+    )
+
+
 # -- evaluation ---------------------------------------------------------------------------------------
-def evaluate_checkpoint(checkpoint_url: str, eval_cfg: EvalConfig | None = None, device: str | None = None) -> dict:
+def evaluate_checkpoint(
+    checkpoint_url: str, eval_cfg: EvalConfig | None = None, device: str | None = None
+) -> EvalRecord:
     """Evaluate a committed checkpoint under a protocol (default: its run's ``eval`` section) and return the
     record (the contents of metrics.json). A checkpoint already evaluated under the same protocol returns
     its record without sampling anything."""
     check_checkpoint(checkpoint_url)  # in the user's spelling of the URL, as the flow reports it
     url = fs.normalize(checkpoint_url)
     root, run, step = run_of_checkpoint(url)
-    cfg_yaml = checkpoints.read_config_yaml(url)
-    eval_cfg = eval_cfg or config_from_yaml_text(cfg_yaml).eval
+    run_cfg = config_from_yaml_text(checkpoints.read_config_yaml(url))  # the data section: the run's store
+    eval_cfg = eval_cfg or run_cfg.eval
     check_protocol(eval_cfg)
     digest, phash = checkpoints.digest(url), protocol_hash(eval_cfg)
     eval_dir = root.run(run).eval_dir(step, eval_cfg.protocol)
-    record = metrics.cached_record(eval_dir, digest, phash)
+    record = _cached(eval_dir, digest, phash)
     if record is None:
         with metrics.exclusive(fs.join(eval_dir, metrics.LOCK_FILE)):
-            record = metrics.cached_record(eval_dir, digest, phash)  # made while we waited?
+            record = _cached(eval_dir, digest, phash)  # made while we waited?
             if record is None:
-                record = _evaluate(
-                    url,
-                    root,
-                    run,
-                    step,
-                    config_from_yaml_text(cfg_yaml),
-                    eval_cfg,
-                    digest,
-                    phash,
-                    eval_dir,
-                    torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
-                )
+                dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                record = _evaluate(url, root, run, step, run_cfg.data, eval_cfg, digest, phash, eval_dir, dev)
                 publish_artifacts(record)
                 return record
     _logger().info(
@@ -174,10 +372,10 @@ def _load_model(url: str, device: torch.device) -> torch.nn.Module:
     return load_checkpoint_model(url, "ema", device)
 
 
-def _autoencoder(attrs: dict[str, Any], cfg: PipelineConfig) -> Any:
+def _autoencoder(attrs: dict[str, Any], data: DataConfig) -> Any:
     """The store's autoencoder; an SD-VAE must be the very weights the store was encoded with."""
     identity = attrs["autoencoder"]
-    vae = (cfg.data.vae or identity.get("id")) if identity["name"] == "sd-vae" else None
+    vae = (data.vae or identity.get("id")) if identity["name"] == "sd-vae" else None
     spec = AutoencoderSpec(identity["name"], vae)
     if spec.name == "sd-vae":
         found = describe(spec, int(attrs["image_channels"]), int(attrs["resolution"])).identity
@@ -189,16 +387,15 @@ def _autoencoder(attrs: dict[str, Any], cfg: PipelineConfig) -> Any:
     return get_autoencoder(spec)
 
 
-def _tree_urls(root: Root, attrs: dict[str, Any], cfg: PipelineConfig) -> list[str]:
+def _tree_urls(root: Root, attrs: dict[str, Any], data: DataConfig) -> list[str]:
     """Where the store's source image tree may be: recorded in the store, else the run's data.source (the
     builtin digits are written under <root>/images/digits, or digits-x<upscale>, by tasks.pipeline). Each
     candidate is checked against the store's dataset fingerprint before use."""
     urls = [attrs[k] for k in ("source_url", "source") if isinstance(attrs.get(k), str) and attrs[k]]
-    src = cfg.data.source
-    if src == "builtin:digits":
-        urls.append(root.images("digits" if cfg.data.upscale == 1 else f"digits-x{cfg.data.upscale}"))
-    elif not src.startswith("builtin:"):
-        urls.append(src)
+    if data.source == "builtin:digits":
+        urls.append(root.images("digits" if data.upscale == 1 else f"digits-x{data.upscale}"))
+    elif not data.source.startswith("builtin:"):
+        urls.append(data.source)
     return list(dict.fromkeys(urls))
 
 
@@ -207,13 +404,13 @@ def _evaluate(
     root: Root,
     run: str,
     step: int,
-    cfg: PipelineConfig,
+    data: DataConfig,
     eval_cfg: EvalConfig,
     digest: str,
     phash: str,
     eval_dir: str,
     device: torch.device,
-) -> dict[str, Any]:
+) -> EvalRecord:
     logger = _logger()
     logger.info(
         f"evaluating {run} step {step} under protocol {eval_cfg.protocol}"
@@ -221,102 +418,90 @@ def _evaluate(
     )
     t_start = time.perf_counter()
     model = _load_model(url, device)
-    store_url = root.latent_store(cfg.data.store_name)
+    store_url = root.latent_store(data.store_name)
     attrs = latents.open_store(store_url).attrs
     num_classes = model.cfg.num_classes
     if len(attrs["class_names"]) != num_classes:
         raise ValueError(f"{url} has {num_classes} classes, its store {store_url} {len(attrs['class_names'])}")
-    ae = _autoencoder(attrs, cfg)
+    ae = _autoencoder(attrs, data)
     try:
-        real = eval_metrics.load_real_images(root, store_url, _tree_urls(root, attrs, cfg))
+        real = load_real_images(root, store_url, _tree_urls(root, attrs, data))
     except FileNotFoundError:
         if not eval_cfg.reference_npz:
             raise
         logger.warning("no real images of the dataset found: FID against the npz only, no baselines")
         real = None
-    extractor, reference = eval_metrics.prepare(
-        root, real, eval_cfg.feature_extractor, num_classes, device, eval_cfg.inception_weights, eval_cfg.reference_npz
-    )
+    extractor, reference = prepare(root, real, eval_cfg, num_classes, device)
     n = eval_cfg.num_samples
     labels = np.arange(n) % num_classes  # balanced: class k at k, k + K, k + 2K, ...
-    baseline = eval_metrics.real_baseline(reference, real, n, device)
+    baseline = None if real is None else real_baseline(reference, real.images, real.holdout_index, n, device)
     per_sampler, blocks, files = {}, [], {}
     for i, sampler_cfg in enumerate(eval_cfg.samplers):
         name = metrics.samples_filename(i, sampler_cfg.label)
-        result, block, sha = _sample_and_score(
-            model, ae, sampler_cfg, labels, eval_cfg, extractor, reference, real, fs.join(eval_dir, name), device
+        result, block = _sample_and_score(
+            model, ae, sampler_cfg, labels, eval_cfg, extractor, reference, real, eval_dir, name, device
         )
-        per_sampler[sampler_cfg.label] = {
-            "sampler": asdict(sampler_cfg),
-            **result,
-            "samples_file": name,
-            "samples_sha256": sha,
-        }
-        files[name] = sha
+        per_sampler[sampler_cfg.label] = result
+        files[name] = result.samples_sha256
         blocks.append(block)
+        s = result.scores
         logger.info(
-            f"{run} step {step} {sampler_cfg.label}: {n} samples in {result['seconds']:.1f} s;"
-            f" FID {result['fid']:.3f} (real {_num(baseline, 'fid')}), class accuracy"
-            f" {_num(result, 'class_accuracy')} (real {_num(baseline, 'class_accuracy')}), spread ratio"
-            f" {_num(result, 'spread_ratio')}, NN L2 {_num(result, 'nn_l2_train')}"
-            f" (real {_num(baseline, 'nn_l2_train')})"
+            f"{run} step {step} {sampler_cfg.label}: {n} samples in {result.seconds:.1f} s;"
+            f" FID {s.fid:.3f} (real {_num(baseline, 'fid')}), class accuracy"
+            f" {_num(s, 'class_accuracy')} (real {_num(baseline, 'class_accuracy')}), spread ratio"
+            f" {_num(s, 'spread_ratio')}, NN L2 {_num(s, 'nn_l2_train')} (real {_num(baseline, 'nn_l2_train')})"
         )
     titles = [f"{s.label} ({s.name})" for s in eval_cfg.samplers]
     grid = metrics.grid_png(blocks, titles, [str(c) for c in attrs["class_names"][:GRID_CLASSES]])
     fs.write_bytes(fs.join(eval_dir, metrics.GRID_FILE), grid)
     files[metrics.GRID_FILE] = metrics.sha256_bytes(grid)
-    record = {
-        "schema_version": metrics.SCHEMA_VERSION,
-        "evaluation_id": uuid.uuid4().hex,
-        "run": run,
-        "step": step,
-        "checkpoint_url": url,
-        "checkpoint_digest": digest,
-        "protocol": eval_cfg.protocol,
-        "protocol_hash": phash,
-        "protocol_config": eval_cfg.model_dump(mode="json"),
-        "eval_dir": eval_dir,
-        "num_samples": n,
-        "num_classes": num_classes,
-        "feature_extractor": {
-            "name": extractor.name,
-            "id": getattr(extractor, "id", None),
-            "classifier_holdout_accuracy": reference.meta.get("classifier_holdout_accuracy"),
-        },
-        "reference": {
-            "source": reference.source,
-            "digest": reference.digest,
-            "real_images": real.meta if real is not None else None,
-        },
-        "real": baseline,
-        "samplers": per_sampler,
-        "files": files,
-        "device": str(device),
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "software": {d: _version(d) for d in ("dumo", "torch", "torch-fidelity", "prefect")},
-    }
-    metrics.write_record(eval_dir, record)  # last: the record is what makes the evaluation exist
+    record = EvalRecord(
+        schema_version=metrics.SCHEMA_VERSION,
+        evaluation_id=uuid.uuid4().hex,
+        run=run,
+        step=step,
+        checkpoint_url=url,
+        checkpoint_digest=digest,
+        protocol=eval_cfg.protocol,
+        protocol_hash=phash,
+        protocol_config=eval_cfg.model_dump(mode="json"),
+        eval_dir=eval_dir,
+        num_samples=n,
+        num_classes=num_classes,
+        feature_extractor=ExtractorInfo(
+            extractor.name, extractor.id, reference.meta.get("classifier_holdout_accuracy")
+        ),
+        reference=ReferenceInfo(reference.source, reference.digest, real.meta if real is not None else None),
+        real=baseline,
+        samplers=per_sampler,
+        files=files,
+        device=str(device),
+        seconds=round(time.perf_counter() - t_start, 3),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        software={d: _version(d) for d in ("dumo", "torch", "torch-fidelity", "prefect")},
+    )
+    metrics.write_record(eval_dir, record.to_json())  # last: the record is what makes the evaluation exist
     SAMPLING_STATS["evaluations"] += 1
-    logger.info(f"{run} step {step}: metrics in {fs.join(eval_dir, metrics.METRICS_FILE)} ({record['seconds']:.1f} s)")
+    logger.info(f"{run} step {step}: metrics in {fs.join(eval_dir, metrics.METRICS_FILE)} ({record.seconds:.1f} s)")
     return record
 
 
 @torch.no_grad()
 def _sample_and_score(
-    model,
-    ae,
-    sampler_cfg,
+    model: torch.nn.Module,
+    ae: Any,
+    sampler_cfg: SamplerConfig,
     labels: np.ndarray,
     eval_cfg: EvalConfig,
-    extractor,
-    reference,
-    real,
-    samples_url: str,
+    extractor: Extractor,
+    reference: Reference,
+    real: RealImages | None,
+    eval_dir: str,
+    samples_file: str,
     device: torch.device,
-) -> tuple[dict[str, Any], np.ndarray, str]:
-    """Generate, decode and write the samples of one sampler batch by batch; returns (metrics, grid block,
-    samples sha256). The noise comes from the protocol seed, so every sampler starts from the same noise."""
+) -> tuple[SamplerResult, np.ndarray]:
+    """Generate, decode and write the samples of one sampler batch by batch; returns (its result, its grid
+    block). The noise comes from the protocol seed, so every sampler starts from the same noise."""
     t0 = time.perf_counter()
     c, h = model.cfg.in_channels, model.cfg.input_size
     gen = torch.Generator().manual_seed(eval_cfg.seed)
@@ -330,23 +515,23 @@ def _sample_and_score(
         for lo in range(0, len(labels), eval_cfg.batch_size):
             y = torch.from_numpy(labels[lo : lo + eval_cfg.batch_size]).to(device)
             noise = torch.randn((len(y), c, h, h), generator=gen).to(device)
-            images = eval_metrics.to_uint8(ae.decode(sample(model, noise, y, sampler_cfg).float())).cpu().numpy()
+            images = to_uint8(ae.decode(sample(model, noise, y, sampler_cfg).float())).cpu().numpy()
             hwc = np.ascontiguousarray(
                 np.broadcast_to(images.transpose(0, 2, 3, 1), (*images.shape[:1], *images.shape[2:], 3))
             )  # (b, H, W, 3), grey repeated
             if writer is None:
-                writer = metrics.SamplesWriter(samples_url, labels, hwc.shape[1], hwc.shape[2])
+                writer = metrics.SamplesWriter(fs.join(eval_dir, samples_file), labels, hwc.shape[1], hwc.shape[2])
                 block = np.full((rows, GRID_COLUMNS, *hwc.shape[1:]), 128, np.uint8)
             writer.write(hwc)
             for j in range(len(y)):  # sample lo + j is the ((lo + j) // K)-th of its class
                 col, row = divmod(lo + j, num_classes)
                 if row < rows and col < GRID_COLUMNS:
                     block[row, col] = hwc[j]
-            f, cl, il = eval_metrics.extract(extractor, images)
-            feats.append(f)
-            class_logits.append(cl)
-            is_logits.append(il)
-            nn_images.append(images[: max(0, eval_metrics.NN_MAX_QUERIES - lo)])
+            f = extract(extractor, images)
+            feats.append(f.features)
+            class_logits.append(f.class_logits)
+            is_logits.append(f.is_logits)
+            nn_images.append(images[: max(0, NN_MAX_QUERIES - lo)])
             SAMPLING_STATS["images"] += len(y)
             progress.update(len(y))
         progress.close()
@@ -356,22 +541,22 @@ def _sample_and_score(
         if writer is not None:
             writer.abort()
         raise
-    result = eval_metrics.score(
+    scores = score(
         np.concatenate(feats),
         None if class_logits[0] is None else np.concatenate(class_logits),
         None if is_logits[0] is None else np.concatenate(is_logits),
         labels,
         np.concatenate(nn_images),
         reference,
-        real,
+        None if real is None else real.images,
         device=device,
     )
-    result["seconds"] = round(time.perf_counter() - t0, 3)
-    return result, block, sha
+    seconds = round(time.perf_counter() - t0, 3)
+    return SamplerResult(sampler_cfg, scores, seconds, samples_file, sha), block
 
 
-def _num(d: dict[str, Any] | None, key: str) -> str:
-    value = (d or {}).get(key)
+def _num(scores: Scores | None, key: str) -> str:
+    value = None if scores is None else getattr(scores, key)
     return "n/a" if value is None else f"{value:.3f}"
 
 
@@ -383,23 +568,23 @@ def _version(dist: str) -> str | None:
 
 
 # -- Prefect ------------------------------------------------------------------------------------------
-def publish_artifacts(record: dict[str, Any]) -> None:
+def publish_artifacts(record: EvalRecord) -> None:
     """The results table and the labelled sample grid as artifacts of the current flow run, both shown in the
     UI (the grid embedded in a markdown artifact: see tasks.artifacts); nothing outside a run."""
     from prefect.artifacts import create_markdown_artifact
 
     if not in_prefect_run():
         return
-    key = artifacts.key_of("eval", record["run"], record["protocol"])
-    grid_url = fs.join(record["eval_dir"], metrics.GRID_FILE)
-    table = metrics.format_table(record) + f"\n\nSample grid: `{fs.display(grid_url)}`"
-    create_markdown_artifact(table, key=key, description=f"evaluation of {fs.display(record['checkpoint_url'])}")
+    key = artifacts.key_of("eval", record.run, record.protocol)
+    grid_url = fs.join(record.eval_dir, metrics.GRID_FILE)
+    table = metrics.format_table(record.to_json()) + f"\n\nSample grid: `{fs.display(grid_url)}`"
+    create_markdown_artifact(table, key=key, description=f"evaluation of {fs.display(record.checkpoint_url)}")
     try:
         png = fs.read_bytes(grid_url)
     except FileNotFoundError:  # a record from before the grid was written (or a grid removed since)
         return
-    title = f"{record['run']} step {record['step']}: samples by sampler (columns) and class (rows)"
-    artifacts.publish_png(f"{key}-grid", png, title, fs.display(grid_url), f"samples, step {record['step']}")
+    title = f"{record.run} step {record.step}: samples by sampler (columns) and class (rows)"
+    artifacts.publish_png(f"{key}-grid", png, title, fs.display(grid_url), f"samples, step {record.step}")
 
 
 def _transient_io(task: Any, task_run: Any, state: Any) -> bool:
@@ -416,7 +601,7 @@ def _transient_io(task: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=exponential_backoff(backoff_factor=10),
     retry_condition_fn=_transient_io,
 )
-def evaluate_checkpoint_task(checkpoint_url: str, eval_cfg: EvalConfig | None = None) -> dict[str, Any]:
+def evaluate_checkpoint_task(checkpoint_url: str, eval_cfg: EvalConfig | None = None) -> EvalRecord:
     """``evaluate_checkpoint`` as a task. Caching is the record's (digest + protocol hash), not Prefect's, so
     it holds across servers, machines and runs without persisted results."""
     return evaluate_checkpoint(checkpoint_url, eval_cfg)
@@ -431,5 +616,5 @@ def evaluate_checkpoint_task(checkpoint_url: str, eval_cfg: EvalConfig | None = 
 )
 def find_unevaluated_task(
     root_url: str, run: str | None = None, eval_cfg: EvalConfig | None = None, overrides: dict[str, Any] | None = None
-) -> list[str]:
+) -> dict[str, EvalConfig]:
     return find_unevaluated(root_url, run, eval_cfg, overrides)

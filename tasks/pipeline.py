@@ -13,6 +13,7 @@ from storage import fs, images, metrics
 from storage.layout import Root
 from storage.train_log import loss_headline
 from tasks.config import PipelineConfig
+from tasks.evaluate import EvalRecord
 
 BUILTIN_DIGITS = "builtin:digits"
 log = logging.getLogger("dumo.pipeline")
@@ -47,12 +48,12 @@ def _final_losses(train: dict[str, Any]) -> str:
 
 @task(name="summarize", cache_policy=NO_CACHE)
 def summarize_task(
-    cfg: PipelineConfig, build: dict[str, Any], train: dict[str, Any], record: dict[str, Any]
+    cfg: PipelineConfig, build: dict[str, Any], train: dict[str, Any], record: EvalRecord
 ) -> dict[str, Any]:
     """The run's summary, also published as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    table = metrics.format_table(record)
+    table = metrics.format_table(record.to_json())
     text = (
         f"## dumo run `{cfg.name}`\n\nstore `{build['store']}` ({build['num_rows']} rows); "
         f"trained to step {train['step']} ({_final_losses(train)}, "
@@ -68,8 +69,8 @@ def summarize_task(
         "final_loss": train["final_loss"],
         "final_loss_v": train.get("final_loss_v"),
         "final_loss_u": train.get("final_loss_u"),
-        "eval_dir": record.get("eval_dir"),
+        "eval_dir": record.eval_dir,
         "loss_curve": Root(cfg.root).run(cfg.name).loss_curve,
-        "metrics": record.get("samplers", {}),
+        "metrics": record.to_json()["samplers"],
         "table": table,
     }

@@ -126,7 +126,7 @@ def sample_checkpoint(url: str, request: SampleRequest, out: str | None = None, 
 def generate(model: DualHeadDiT, ae: Autoencoder, labels: np.ndarray, request: SampleRequest, dev) -> np.ndarray:
     """(N, H, W, 3) uint8 images. The noise is drawn on the CPU from ``request.seed`` batch by batch, so a
     seed gives the same images on any device and batch size."""
-    from tasks.eval_metrics import to_uint8
+    from dumo_model.metrics import to_uint8
 
     c, h = model.cfg.in_channels, model.cfg.input_size
     gen = torch.Generator().manual_seed(request.seed)

@@ -2,30 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from dumo_model.metrics import Scores
+from dumo_model.samplers import SamplerConfig
 from storage import fs
 from storage.layout import Root
-from tasks.compare import arm_configs, check_identical, markdown_table, plot_png, steps_of, summarize, winner
+from tasks.compare import (
+    Arm,
+    ArmResult,
+    SeedRange,
+    arm_configs,
+    check_identical,
+    markdown_table,
+    plot_png,
+    steps_of,
+    summarize,
+    winner,
+)
 from tasks.config import load_config
+from tasks.evaluate import EvalRecord, SamplerResult
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
 
 
 def test_arms_share_everything_but_objective_seed_and_steps():
     cfg = load_config("demo", ["compare.seeds=[0, 1]", "compare.budgets=[10, 20]"])
     arms = arm_configs(cfg)
-    assert len(arms) == 3 * 2 * 2 and len({a["config"].name for a in arms}) == 12
+    assert len(arms) == 3 * 2 * 2 and len({a.config.name for a in arms}) == 12
     check_identical(arms)
-    fm = next(a for a in arms if a["arm"] == "flow_matching")
-    assert all(s.name == "euler" for s in fm["config"].eval.samplers)
-    assert fm["config"].heads == "v" and arms[2]["config"].heads == "dual"
+    fm = next(a for a in arms if a.arm == "flow_matching")
+    assert all(s.name == "euler" for s in fm.config.eval.samplers)
+    assert fm.config.heads == "v" and arms[2].config.heads == "dual"
 
 
 def test_the_meanflow_arm_is_the_faithful_baseline_and_every_arm_shares_the_time_scale():
     cfg = load_config("demo", ["compare.seeds=[0]", "model.time_scale=null"])
-    arms = {a["arm"]: a["config"] for a in arm_configs(cfg)}
+    arms = {a.arm: a.config for a in arm_configs(cfg)}
     assert arms["meanflow"].objective.derivative == "jvp"  # MeanFlow's official code
     assert arms["dumo"].objective.derivative == cfg.objective.derivative == "finite_difference"
     assert {c.time_scale for c in arms.values()} == {1.0}  # flow matching alone would default to DiT's 1000
@@ -39,55 +54,62 @@ def test_equal_compute_gives_each_arm_the_steps_of_the_same_flops():
     with pytest.raises(ValueError, match="latent store's shape"):
         arm_configs(cfg)
     arms = arm_configs(cfg, (1, 8, 8))
-    compute = {a["arm"]: a for a in arms if a["budget"] == "2400 passes"}
-    assert compute["flow_matching"]["steps"] == 800  # 3 forward-equivalents a step
-    fm_forward = forward_flops(dit_config(compute["flow_matching"]["config"], (1, 8, 8), 10))["total"]
+    compute = {a.arm: a for a in arms if a.budget == "2400 passes"}
+    assert compute["flow_matching"].steps == 800  # 3 forward-equivalents a step
+    fm_forward = forward_flops(dit_config(compute["flow_matching"].config, (1, 8, 8), 10))["total"]
     for arm in ("meanflow", "dumo"):
-        c = compute[arm]["config"]
-        spent = compute[arm]["steps"] * train_step_flops(dit_config(c, (1, 8, 8), 10), c.objective)
+        c = compute[arm].config
+        spent = compute[arm].steps * train_step_flops(dit_config(c, (1, 8, 8), 10), c.objective)
         assert spent == pytest.approx(2400 * fm_forward, rel=0.002), arm
     # dumo's central difference: 5 forward-equivalents and a second head, so fewer than 800 * 3/5 steps
-    assert compute["dumo"]["steps"] < 480 < compute["meanflow"]["steps"] < 800
-    assert {a["steps"] for a in arms if a["budget"] == "800 steps"} == {800}
+    assert compute["dumo"].steps < 480 < compute["meanflow"].steps < 800
+    assert {a.steps for a in arms if a.budget == "800 steps"} == {800}
     check_identical(arms)
 
 
 def test_a_difference_outside_the_arm_keys_is_refused():
     cfg = load_config("demo", ["compare.seeds=[0]"])
     arms = arm_configs(cfg)
-    data = arms[1]["config"].model_dump(mode="python")
+    data = arms[1].config.model_dump(mode="python")
     data["train"]["lr"] = 0.5
-    arms[1]["config"] = type(arms[1]["config"]).model_validate(data)
+    arms[1] = dataclasses.replace(arms[1], config=type(arms[1].config).model_validate(data))
     with pytest.raises(ValueError, match=r"train\.lr"):
         check_identical(arms)
 
 
 def fake_results():
-    def rec(acc, fid):
-        return {
-            "record": {
-                "samplers": {
-                    "1-step": {"class_accuracy": acc, "fid": fid, "spread_ratio": 0.7},
-                    "2-step": {"class_accuracy": acc + 0.01, "fid": fid - 1, "spread_ratio": 0.9},
-                },
-                "real": {"class_accuracy": 0.99, "fid": 1.0},
-            }
+    cfg = load_config("demo")
+
+    def result(arm, seed, acc, fid):
+        samplers = {
+            label: SamplerResult(SamplerConfig(name), Scores(100, f, a, spread_ratio=s), 1.0, "samples.npz", "x")
+            for label, name, a, f, s in (
+                ("1-step", "one_step", acc, fid, 0.7),
+                ("2-step", "two_step", acc + 0.01, fid - 1, 0.9),
+            )
         }
+        fields = {f.name: None for f in dataclasses.fields(EvalRecord)}
+        record = EvalRecord(**fields | {"samplers": samplers, "real": Scores(100, 1.0, 0.99)})
+        return ArmResult(Arm(arm, seed, 10, "10 steps", cfg), "ckpt", record)
 
     return [
-        {"arm": "dumo", "seed": 0, "steps": 10, **rec(0.9, 5.0)},
-        {"arm": "dumo", "seed": 1, "steps": 10, **rec(0.8, 7.0)},
-        {"arm": "meanflow", "seed": 0, "steps": 10, **rec(0.5, 20.0)},
-        {"arm": "meanflow", "seed": 1, "steps": 10, **rec(0.6, 18.0)},
+        result("dumo", 0, 0.9, 5.0),
+        result("dumo", 1, 0.8, 7.0),
+        result("meanflow", 0, 0.5, 20.0),
+        result("meanflow", 1, 0.6, 18.0),
     ]
 
 
 def test_summary_table_and_winner():
     rows = summarize(fake_results())
-    dumo1 = next(r for r in rows if r["arm"] == "dumo" and r["sampler"] == "1-step")
-    assert dumo1["seeds"] == 2 and dumo1["class_accuracy"] == {"mean": pytest.approx(0.85), "min": 0.8, "max": 0.9}
-    table = markdown_table(rows, {"class_accuracy": 0.99, "fid": 1.0})
-    assert "0.850 [0.800, 0.900]" in table and "| 10 steps | meanflow | 10 | 2-step | 2 | 2 |" in table
+    dumo1 = next(r for r in rows if r.arm == "dumo" and r.sampler == "1-step")
+    assert dumo1.seeds == 2 and dumo1.class_accuracy == SeedRange(pytest.approx(0.85), 0.8, 0.9)
+    table = markdown_table(rows, Scores(100, fid=1.0, class_accuracy=0.99))
+    assert (
+        "class acc 0.990, FID 1.000." in table
+        and "0.850 [0.800, 0.900]" in table
+        and "| 10 steps | meanflow | 10 | 2-step | 2 | 2 |" in table
+    )
     assert winner(rows) == "dumo" and winner(rows, metric="fid") == "dumo"
     assert plot_png(rows)[:8] == b"\x89PNG\r\n\x1a\n"
     assert [steps_of(s) for s in ("1-step", "2-step", "euler-8", "euler-16-cfg2")] == [1, 2, 8, 16]

@@ -26,12 +26,21 @@ import torch
 from PIL import Image
 
 from dumo_model import EMA, build_model
-from storage import checkpoints, fs, images, latents, metrics
+from dumo_model.features import extract
+from dumo_model.metrics import frechet_distance, real_baseline, score
+from storage import checkpoints, fs, images, latents, metrics, reference_stats
 from storage.autoencoders import AutoencoderSpec, describe, encode_files
 from storage.layout import Root
-from tasks import eval_metrics
-from tasks.config import PipelineConfig
-from tasks.evaluate import SAMPLING_STATS, evaluate_checkpoint, find_unevaluated, protocol_hash
+from tasks.config import EvalConfig, PipelineConfig
+from tasks.evaluate import (
+    SAMPLING_STATS,
+    EvalRecord,
+    evaluate_checkpoint,
+    find_unevaluated,
+    load_real_images,
+    prepare,
+    protocol_hash,
+)
 from tasks.modeling import config_dict
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
@@ -97,9 +106,10 @@ def _sha(url: str) -> str:
 def test_evaluation_writes_the_documented_record_and_files(digits) -> None:
     root, cfg = digits
     url = _checkpoint(root, cfg, 100)
-    record = evaluate_checkpoint(url)
+    record = evaluate_checkpoint(url).to_json()
     eval_dir = root.run(RUN).eval_dir(100, "default")
     assert json.loads(fs.read_text(fs.join(eval_dir, "metrics.json"))) == record
+    assert EvalRecord.from_json(record).to_json() == record  # the typed record round-trips its JSON
     assert record["checkpoint_digest"] == checkpoints.digest(url)
     assert record["protocol_hash"] == protocol_hash(cfg.eval)
     assert (record["run"], record["step"], record["num_samples"], record["num_classes"]) == (RUN, 100, N, 10)
@@ -161,7 +171,7 @@ _CHILD = textwrap.dedent("""
     while len(os.listdir(barrier)) < 2:  # start both evaluations at the same moment
         time.sleep(0.05)
     record = evaluate_checkpoint(url)
-    print(json.dumps({"id": record["evaluation_id"], "sampled": SAMPLING_STATS["images"]}))
+    print(json.dumps({"id": record.evaluation_id, "sampled": SAMPLING_STATS["images"]}))
 """)
 
 
@@ -199,29 +209,29 @@ def test_two_concurrent_evaluations_leave_one_consistent_record(digits, tmp_path
 def test_metrics_separate_real_noise_and_copies(digits) -> None:
     root, _ = digits
     store = root.latent_store("digits-8")
-    real = eval_metrics.load_real_images(root, store, [root.images("digits")])
-    extractor, reference = eval_metrics.prepare(root, real, "classifier", 10, torch.device("cpu"))
+    real = load_real_images(root, store, [root.images("digits")])
+    extractor, reference = prepare(root, real, EvalConfig(feature_extractor="classifier"), 10, torch.device("cpu"))
     n = len(real.holdout_index)
-    baseline = eval_metrics.real_baseline(reference, real, n)
+    baseline = real_baseline(reference, real.images, real.holdout_index, n)
 
-    def score(imgs: np.ndarray, labels: np.ndarray, self_index: np.ndarray | None = None) -> dict:
-        f, cl, il = eval_metrics.extract(extractor, imgs)
-        return eval_metrics.score(f, cl, il, labels, imgs, reference, real, nn_self_index=self_index)
+    def scores(imgs: np.ndarray, labels: np.ndarray, self_index: np.ndarray | None = None):
+        f, cl, il = extract(extractor, imgs)
+        return score(f, cl, il, labels, imgs, reference, real.images, nn_self_index=self_index)
 
     held = real.holdout_index
     # held-out real images scored as if generated: exactly the baseline
-    assert score(real.images[held], real.labels[held], held)["fid"] == pytest.approx(baseline["fid"])
+    assert scores(real.images[held], real.labels[held], held).fid == pytest.approx(baseline.fid)
     noise = np.random.default_rng(0).integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
-    bad = score(noise, np.arange(n) % 10)
-    assert bad["fid"] > 20 * baseline["fid"] and bad["class_accuracy"] < 0.3
-    assert bad["nn_l2_train"] > 2 * baseline["nn_l2_train"]
+    bad = scores(noise, np.arange(n) % 10)
+    assert bad.fid > 20 * baseline.fid and bad.class_accuracy < 0.3
+    assert bad.nn_l2_train > 2 * baseline.nn_l2_train
     # copies of training images: perfect accuracy, but the nearest training image is at distance 0
-    copies = score(real.images[held], real.labels[held])
-    assert copies["nn_l2_train"] == 0 and baseline["nn_l2_train"] > 0.3
+    copies = scores(real.images[held], real.labels[held])
+    assert copies.nn_l2_train == 0 and baseline.nn_l2_train > 0.3
     # mode collapse: one image per class; FID alone barely notices, the spread ratio does
     protos = np.stack([real.images[real.labels == c][0] for c in range(10)])
-    collapsed = score(protos[np.arange(n) % 10], np.arange(n) % 10)
-    assert collapsed["spread_ratio"] < 1e-3 and collapsed["class_accuracy"] == 1
+    collapsed = scores(protos[np.arange(n) % 10], np.arange(n) % 10)
+    assert collapsed.spread_ratio < 1e-3 and collapsed.class_accuracy == 1
 
 
 # -- inception-v3-compat --------------------------------------------------------------------------------
@@ -283,7 +293,7 @@ def rgb_run(tmp_path_factory) -> tuple[Root, PipelineConfig, str, str]:
 
 def test_inception_path_gives_fid_is_kid_and_takes_an_npz(rgb_run, tmp_path) -> None:
     root, cfg, url, weights = rgb_run
-    record = evaluate_checkpoint(url)
+    record = evaluate_checkpoint(url).to_json()
     m, real = record["samplers"]["1-step"], record["real"]
     assert record["feature_extractor"]["name"] == "inception-v3-compat"
     assert m["class_accuracy"] is None  # Inception's classes are not the dataset's
@@ -293,7 +303,7 @@ def test_inception_path_gives_fid_is_kid_and_takes_an_npz(rgb_run, tmp_path) -> 
     ref = np.load(io.BytesIO(fs.read_bytes(record["reference"]["source"].split(":", 1)[1])))
     npz = str(tmp_path / "ref.npz")
     np.savez(npz, mu=ref["mu"], sigma=ref["sigma"])
-    other = evaluate_checkpoint(url, cfg.eval.model_copy(update={"protocol": "adm", "reference_npz": npz}))
+    other = evaluate_checkpoint(url, cfg.eval.model_copy(update={"protocol": "adm", "reference_npz": npz})).to_json()
     assert other["reference"]["source"] == f"npz:{npz}"
     assert other["samplers"]["1-step"]["fid"] == pytest.approx(m["fid"], rel=1e-6)
     assert other["samplers"]["1-step"]["kid"] is None
@@ -301,12 +311,12 @@ def test_inception_path_gives_fid_is_kid_and_takes_an_npz(rgb_run, tmp_path) -> 
 
 def test_missing_inception_weights_error_names_the_file(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    expected = os.path.join(str(tmp_path / "torch-home"), "hub", "checkpoints", eval_metrics.INCEPTION_FILE)
+    expected = os.path.join(str(tmp_path / "torch-home"), "hub", "checkpoints", reference_stats.INCEPTION_FILE)
     with pytest.raises(FileNotFoundError) as err:
-        eval_metrics.inception_weights_path(None)
+        reference_stats.inception_weights_path(None)
     assert expected in str(err.value) and "--inception-weights" in str(err.value)
     with pytest.raises(FileNotFoundError, match="/nowhere/inception.pth"):
-        eval_metrics.inception_weights_path("/nowhere/inception.pth")
+        reference_stats.inception_weights_path("/nowhere/inception.pth")
 
 
 # -- flows and CLI --------------------------------------------------------------------------------------
@@ -321,12 +331,12 @@ def test_flows_evaluate_and_reevaluate(digits) -> None:
     with pytest.raises(ValueError, match="does not match"):
         evaluate_checkpoint_flow(checkpoint_url=url, step=301)
     record = evaluate_checkpoint_flow(checkpoint_url=url, step=300, num_samples=100, protocol="quick")
-    assert record["protocol"] == "quick" and record["num_samples"] == 100
+    assert record.protocol == "quick" and record.num_samples == 100
     later = _checkpoint(root, cfg, 400)
     done = reevaluate_checkpoints_flow(root=root.url, run=RUN, num_samples=100, protocol="quick")
     assert {"run": RUN, "step": 400, "protocol": "quick", "eval_dir": root.run(RUN).eval_dir(400, "quick")} in done
     assert 300 not in [d["step"] for d in done]  # already evaluated under "quick"
-    assert find_unevaluated(root.url, RUN, overrides={"num_samples": 100, "protocol": "quick"}) == []
+    assert find_unevaluated(root.url, RUN, overrides={"num_samples": 100, "protocol": "quick"}) == {}
     assert metrics.read_record(root.run(RUN).eval_dir(400, "quick"))["checkpoint_url"] == later
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
@@ -348,6 +358,23 @@ def test_cli_evaluate_prints_the_table(digits, capsys) -> None:
     assert "inception-v3-compat" in capsys.readouterr().out
 
 
+def test_the_feature_extractor_choices_are_the_registry_keys() -> None:
+    from typing import get_args
+
+    from prefect.utilities.callables import parameter_schema
+
+    from dumo_model.features import FEATURE_EXTRACTORS
+    from flows.evaluate import evaluate_checkpoint_flow
+
+    names = tuple(FEATURE_EXTRACTORS)
+    assert names == ("classifier", "inception-v3-compat")
+    assert get_args(EvalConfig.model_fields["feature_extractor"].annotation) == names
+    schema = parameter_schema(evaluate_checkpoint_flow.fn).model_dump()["properties"]["feature_extractor"]
+    assert tuple(schema["anyOf"][0]["enum"]) == names
+    with pytest.raises(ValueError, match="feature_extractor"):
+        EvalConfig(feature_extractor="inception-v4")
+
+
 def test_frechet_distance_matches_torch_fidelity() -> None:
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
@@ -355,7 +382,7 @@ def test_frechet_distance_matches_torch_fidelity() -> None:
     a, b = rng.normal(size=(300, 40)), rng.normal(0.3, 1.5, size=(200, 40)) @ rng.normal(size=(40, 40))
     stats = [{"mu": x.mean(0), "sigma": np.cov(x, rowvar=False)} for x in (a, b)]
     expected = fid_statistics_to_metric(stats[0], stats[1], False)[KEY_METRIC_FID]
-    found = eval_metrics.frechet_distance(stats[0]["mu"], stats[0]["sigma"], stats[1]["mu"], stats[1]["sigma"])
+    found = frechet_distance(stats[0]["mu"], stats[0]["sigma"], stats[1]["mu"], stats[1]["sigma"])
     assert found == pytest.approx(expected, rel=1e-8)
 
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 import zarr
 
+from dumo_model.features import FEATURE_EXTRACTORS
 from storage import checkpoints as ckpts
 from storage import fs
 from storage.layout import Root
-from tasks import eval_metrics
+from storage.reference_stats import read_reference_npz
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 from tests.test_train import STORE, build_tiny_store, config
 
@@ -50,13 +51,13 @@ def test_a_reference_npz_of_another_width_is_refused_in_words(tmp_path: Path) ->
     npz = str(tmp_path / "ref-64.npz")
     np.savez(npz, mu=np.zeros(64), sigma=np.eye(64))
     with pytest.raises(ValueError, match=r"holds statistics of 64-d features .* gives 128-d features"):
-        eval_metrics.read_reference_npz(npz, eval_metrics.feature_width("classifier"), "classifier")
+        read_reference_npz(npz, FEATURE_EXTRACTORS["classifier"].width, "classifier")
     with pytest.raises(ValueError, match="gives 2048-d features"):
-        eval_metrics.read_reference_npz(npz, eval_metrics.feature_width("inception-v3-compat"), "inception-v3-compat")
+        read_reference_npz(npz, FEATURE_EXTRACTORS["inception-v3-compat"].width, "inception-v3-compat")
     np.savez(str(tmp_path / "other.npz"), mean=np.zeros(3))
     with pytest.raises(ValueError, match="not an npz with arrays mu and sigma"):
-        eval_metrics.read_reference_npz(str(tmp_path / "other.npz"), 128, "classifier")
-    mu, sigma, _ = eval_metrics.read_reference_npz(npz, 64, "classifier")
+        read_reference_npz(str(tmp_path / "other.npz"), 128, "classifier")
+    mu, sigma, _ = read_reference_npz(npz, 64, "classifier")
     assert mu.shape == (64,) and sigma.shape == (64, 64)
 
 
