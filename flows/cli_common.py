@@ -3,6 +3,23 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable, Iterator
+
+
+class LazyChoices:
+    """argparse ``choices`` taken from a registry in a module that imports torch: ``load`` runs when a value
+    is checked or the subcommand's help is printed, not when the parser is built, so ``dumo --help`` stays
+    fast and the registry stays the one list of names. Give the argument a ``metavar`` (argparse formats
+    the choices into one when the argument is added) and put ``%(choices)s`` in its help."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self._load = load
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._load()))
+
+    def __contains__(self, value: object) -> bool:
+        return value in list(self._load())
 
 
 def add_overrides(parser: argparse.ArgumentParser, example: str = "train.num_steps=2000") -> None:

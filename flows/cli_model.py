@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-VARIANTS = {"dumo": "dual", "meanflow": "u", "flow_matching": "v"}
+from flows.cli_common import LazyChoices
+
+
+def _objectives() -> list[str]:
+    from dumo_model.objectives import HEADS_OF_OBJECTIVE
+
+    return sorted(HEADS_OF_OBJECTIVE)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("preset", help="model preset, e.g. DuMo-XL/2")
     p.add_argument(
         "--objective",
-        choices=sorted(VARIANTS),
+        choices=LazyChoices(_objectives),
+        metavar="NAME",
         default="dumo",
-        help="which variant: dumo (two heads), meanflow (u head on t, r), flow_matching (plain DiT)",
+        help="which variant, one of %(choices)s: dumo (two heads), meanflow (u head on t, r), flow_matching (plain"
+        " DiT)",
     )
     p.add_argument("--r-input", choices=["interval", "zero"], default="interval", help="the r_input switch")
     p.set_defaults(func=run)
@@ -30,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
     from dumo_model.dit import build_model
     from dumo_model.info import forward_flops, parameters_by_part
+    from dumo_model.objectives import HEADS_OF_OBJECTIVE
 
     with torch.device("meta"):
-        model = build_model(args.preset, heads=VARIANTS[args.objective], r_input=args.r_input)
+        model = build_model(args.preset, heads=HEADS_OF_OBJECTIVE[args.objective], r_input=args.r_input)
     cfg = model.cfg
     print(
         f"{args.preset} ({args.objective}, r_input={cfg.r_input}): hidden {cfg.hidden_size}, depth {cfg.depth}, "
