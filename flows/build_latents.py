@@ -29,7 +29,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
 from storage.images import BadImagePolicy, SourcePlan
-from tasks.config import DataConfig
+from tasks.config import DataConfig, Device
 from tasks.encode import (
     PreparedStore,
     encode_shard_for,
@@ -113,7 +113,7 @@ def dask_task_runner(
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
 
 
-def task_resources(device: str | None, worker_resources: dict[str, float] | None) -> dict[str, float] | None:
+def task_resources(device: Device | None, worker_resources: dict[str, float] | None) -> dict[str, float] | None:
     """The Dask resources of one encode task: as given, else one ``GPU`` when encoding on cuda (so a worker
     started with ``--resources GPU=1`` runs one encode at a time, and CPU-only workers run none)."""
     if worker_resources is not None:
@@ -127,7 +127,7 @@ def encode_shards(
     plan: SourcePlan,
     on_bad_image: BadImagePolicy = "fail",
     batch_size: int | None = None,
-    device: str | None = None,
+    device: Device | None = None,
     worker_resources: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """One encode task per shard on ``runner`` (started), with progress as shards finish. Every shard runs

@@ -59,11 +59,10 @@ def _pipeline(config: str, overrides: list[str]) -> dict:
     cfg = load_config(config, overrides)  # parsed once: a bad config fails here, before Prefect starts
     from storage import latents
     from storage.layout import Root
-    from tasks.config import resolve
     from tasks.train import preflight
 
     if latents.is_complete(Root(cfg.root).latent_store(cfg.data.store_name)):  # built: training's checks too
-        preflight(resolve(cfg))  # (batch vs store, a run that cannot resume) before Prefect starts
+        preflight(cfg)  # (batch vs store, a run that cannot resume) before Prefect starts
     from flows.cli_errors import quiet_prefect_tracebacks
     from flows.pipeline import full_pipeline
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from storage import latents
-from storage.images import BadImageError, ImageFile, load_images
+from storage.images import BadImageError, BadImagePolicy, ImageFile, load_images
 
 # Rombach et al. 2022 (sec. 4.3.2, D.1): unit-variance scaling of SD-VAE latents. The one place it is written;
 # a VAE whose config names another scaling_factor (e.g. SDXL's) uses its own.
@@ -232,7 +232,7 @@ def encode_files(
     info: AutoencoderInfo,
     resolution: int,
     first_row: int,
-    on_bad_image: Literal["fail", "skip"] = "fail",
+    on_bad_image: BadImagePolicy = "fail",
     batch_size: int | None = None,
     device: str | None = None,
 ) -> EncodedRows:
@@ -288,7 +288,7 @@ def encode_shard(
     source_url: str,
     files: Sequence[ImageFile],
     spec: AutoencoderSpec,
-    on_bad_image: Literal["fail", "skip"] = "fail",
+    on_bad_image: BadImagePolicy = "fail",
     batch_size: int | None = None,
     extra: dict[str, Any] | None = None,
     device: str | None = None,

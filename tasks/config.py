@@ -19,9 +19,11 @@ from dumo_model.objectives import HEADS_OF_OBJECTIVE, Derivative, ObjectiveConfi
 from dumo_model.pretrained import TIME_SCALE
 from dumo_model.samplers import SamplerConfig
 from storage.autoencoders import AutoencoderName
+from storage.images import BadImagePolicy
 from storage.layout import Root
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+Device = Literal["cpu", "cuda"]
 # time_scale of a network with a u head when model.time_scale is unset: raw t (MeanFlow's official code).
 # bench/numerics.py: a finite difference at DiT's 1000 is ~100% off even in fp32 (docs/model.md).
 U_HEAD_TIME_SCALE = 1.0
@@ -77,10 +79,11 @@ class DataConfig(Section):
     upscale: int = Field(1, ge=1)  # builtin:digits only: integer upscale of the 8x8 images
     shard_size: int = Field(256, ge=1)
     latent_dtype: Literal["float16", "float32"] = "float32"
-    on_bad_image: Literal["fail", "skip"] = "fail"
+    on_bad_image: BadImagePolicy = "fail"
     workers: int | None = Field(None, ge=1)  # Dask workers of the LocalCluster; None = sized to the machine
     dask_address: str | None = None  # an existing Dask scheduler instead of a LocalCluster
-    device: Literal["cpu", "cuda"] | None = None  # of the autoencoder; cuda: each encode task takes 1 GPU resource
+    # Of the autoencoder (None: cuda when the worker sees one); cuda: each encode task takes 1 GPU resource
+    device: Device | None = None
     dask_dashboard: str | None = None  # the LocalCluster's dashboard address (":8787"); None: no dashboard
     in_memory: Literal["auto", True, False] = "auto"  # reader keeps the whole store in memory
     # Train on the stored horizontal flips too (ImageNet, the lineage's habit). Off for data whose mirror
@@ -147,7 +150,7 @@ class TrainConfig(Section):
     num_nodes: int = Field(1, ge=1)
     hostfile: str | None = None  # multi-node through the deepspeed launcher (else launcher torchrun per node)
     launcher: Literal["auto", "inline", "torchrun", "deepspeed"] = "auto"
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Device = "cpu"
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["fp32", "bf16"] = "fp32"
     lr: float = Field(1e-4, gt=0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
@@ -27,7 +27,7 @@ from storage.autoencoders import AutoencoderSpec, describe
 from storage.fs import is_local, local_path, storage_options
 from storage.images import BadImagePolicy, ShardPlan, SourcePlan
 from storage.layout import root_of_latent_store
-from tasks.config import DataConfig
+from tasks.config import DataConfig, Device
 from tasks.retry import retry_transient
 
 FLIP_POLICY = "stored: axis 1 of mean/std = [original, horizontal flip]; the reader picks one uniformly"
@@ -170,7 +170,7 @@ def encode_shard(
     on_bad_image: BadImagePolicy,
     source_url: str,
     batch_size: int | None = None,
-    device: Literal["cpu", "cuda"] | None = None,
+    device: Device | None = None,
 ) -> dict[str, Any]:
     """Encode one shard's images and write them as one whole Zarr shard, then its record. Returns a small
     dict. The cache key is the rest of the inputs: the target (``store_id``, ``autoencoder_identity`` and
