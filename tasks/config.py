@@ -1,5 +1,7 @@
 """Typed pipeline configuration: YAML presets in configs/ plus ``key=value`` overrides, validated before
-any work starts, resolved once and written into the run directory.
+any work starts, resolved once and written into the run directory. Whoever starts the work parses the
+preset once (the CLI with load_config, a deployment's flow run through config_of) and hands the typed config
+down; a config derived from another (the resolved one, a comparison arm) goes through revalidate.
 
 The objective and sampler sections are the model library's own dataclasses (validated by pydantic), so
 no option exists in two places. This module imports no Prefect: the training ranks import it too.

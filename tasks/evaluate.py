@@ -133,8 +133,8 @@ def evaluate_checkpoint(checkpoint_url: str, eval_cfg: EvalConfig | None = None,
     check_checkpoint(checkpoint_url)  # in the user's spelling of the URL, as the flow reports it
     url = fs.normalize(checkpoint_url)
     root, run, step = run_of_checkpoint(url)
-    cfg_yaml = checkpoints.read_config_yaml(url)
-    eval_cfg = eval_cfg or config_from_yaml_text(cfg_yaml).eval
+    run_cfg = config_from_yaml_text(checkpoints.read_config_yaml(url))  # the run's own, parsed once
+    eval_cfg = eval_cfg or run_cfg.eval
     check_protocol(eval_cfg)
     digest, phash = checkpoints.digest(url), protocol_hash(eval_cfg)
     eval_dir = root.run(run).eval_dir(step, eval_cfg.protocol)
@@ -148,7 +148,7 @@ def evaluate_checkpoint(checkpoint_url: str, eval_cfg: EvalConfig | None = None,
                     root,
                     run,
                     step,
-                    config_from_yaml_text(cfg_yaml),
+                    run_cfg,
                     eval_cfg,
                     digest,
                     phash,
