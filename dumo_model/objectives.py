@@ -18,7 +18,12 @@ from typing import Literal
 
 import torch
 
-ObjectiveName = Literal["dumo", "meanflow", "flow_matching"]
+from dumo_model.dit import Heads
+
+# The objectives, and the heads each one trains (dual: v and u; u: MeanFlow's one flow-map head; v: a plain
+# DiT). The one list of objective names: the config's Literal and the CLI's choices derive from it.
+HEADS_OF_OBJECTIVE: dict[str, Heads] = {"dumo": "dual", "meanflow": "u", "flow_matching": "v"}
+ObjectiveName = Literal[tuple(HEADS_OF_OBJECTIVE)]  # type: ignore[valid-type]
 Derivative = Literal["finite_difference", "jvp"]
 FDScheme = Literal["central", "forward"]
 VelocityInTarget = Literal["ground_truth", "head"]

@@ -2,10 +2,12 @@
 
     plan-shards -> prepare-store -> encode-shard x N (on a Dask task runner) -> finalize-store
 
+How to build is the ``data`` section of the config (tasks.config.DataConfig); where from and where to
+are the ``source`` and ``store`` URLs (the full pipeline finds them from the data section and the root).
 The encode tasks run on a ``DaskTaskRunner``: a LocalCluster sized to this machine by default, or an
-existing cluster when ``dask_address`` is given (dask-jobqueue, dask-kubernetes, GPU workers...; give its
+existing cluster when ``data.dask_address`` is given (dask-jobqueue, dask-kubernetes, GPU workers...; give its
 workers the environment WORKER_MALLOC_ENV at start, or the encoder runs slower there). With
-``device="cuda"`` every encode task asks for one ``GPU`` resource (start GPU workers with
+``data.device="cuda"`` every encode task asks for one ``GPU`` resource (start GPU workers with
 ``--resources GPU=1``), and each worker process loads its autoencoder once for all its tasks. The workers
 of either cluster report their task runs and logs to the API this flow reports to (docs/scaling.md).
 A complete store built with the same settings is left alone (the source is not listed again); a half-built
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Literal
+from typing import Any
 
 import dask
 from prefect import flow, get_client, get_run_logger
@@ -26,13 +28,17 @@ from prefect.futures import as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
-from tasks.encode import encode_shard_for, finalize_store, plan_shards, prepare_store, store_status
-
-AutoencoderName = Literal["pixels", "sd-vae"]
-LatentDtype = Literal["float16", "float32"]
-BadImagePolicy = Literal["fail", "skip"]
-Device = Literal["cpu", "cuda"]
-
+from storage.images import BadImagePolicy, SourcePlan
+from tasks.config import DataConfig, Device
+from tasks.encode import (
+    PreparedStore,
+    encode_shard_for,
+    expected_attrs,
+    finalize_store,
+    plan_shards,
+    prepare_store,
+    store_status,
+)
 
 # Dask's nanny starts worker processes with MALLOC_TRIM_THRESHOLD_=65536. Setting any glibc threshold stops
 # glibc adapting its mmap threshold, so every large tensor is mmap'd and unmapped again: the encoder ran ~40%
@@ -117,8 +123,8 @@ def task_resources(device: Device | None, worker_resources: dict[str, float] | N
 
 def encode_shards(
     runner: DaskTaskRunner,
-    prepared: dict[str, Any],
-    plan: dict[str, Any],
+    prepared: PreparedStore,
+    plan: SourcePlan,
     on_bad_image: BadImagePolicy = "fail",
     batch_size: int | None = None,
     device: Device | None = None,
@@ -129,30 +135,23 @@ def encode_shards(
     parameters go to the Prefect API, and a plan lists every source file (1.28M for ImageNet).
     ``worker_resources``: Dask resources each task holds while it runs (``{"GPU": 1}``: one task per GPU)."""
     logger = get_run_logger()
-    store_url = prepared["store_url"]
-    recorded = set(prepared["recorded"])
+    store_url = prepared.target.store_url
     cached_task, fresh_task = encode_shard_for(store_url), encode_shard_for(store_url, refresh_cache=True)
     futures = []
-    for shard in plan["shards"]:
-        task = cached_task if shard["index"] in recorded else fresh_task
+    for shard in plan.shards:
+        task = cached_task if shard.index in prepared.recorded else fresh_task
         parameters = dict(
-            store_url=store_url,
-            store_id=prepared["store_id"],
-            shard_index=shard["index"],
-            shard_fingerprint=shard["fingerprint"],
-            autoencoder=prepared["autoencoder"],
-            autoencoder_identity=prepared["autoencoder_identity"],
-            preprocessing=prepared["preprocessing"],
+            target=prepared.target,
+            shard=shard,
             on_bad_image=on_bad_image,
-            source_url=plan["source_url"],
-            files=shard["files"],
+            source_url=plan.source_url,
             batch_size=batch_size,
             device=device,
         )
         # prefect-dask takes no resources argument; Dask reads them from the annotations active at submit
         with dask.annotate(resources=worker_resources) if worker_resources else contextlib.nullcontext():
             futures.append(runner.submit(task, parameters))
-    total_rows, num_shards = plan["num_rows"], len(futures)
+    total_rows, num_shards = plan.num_rows, len(futures)
     t0 = time.perf_counter()
     done_rows = encoded_rows = 0
     results, failures = [], []
@@ -182,46 +181,29 @@ def encode_shards(
 def build_latents(
     source: str,
     store: str,
-    autoencoder: AutoencoderName = "pixels",
-    vae: str | None = None,
-    resolution: int = 8,
-    shard_size: int = 256,
-    latent_dtype: LatentDtype = "float32",
-    on_bad_image: BadImagePolicy = "fail",
-    workers: int | None = None,
-    dask_address: str | None = None,
+    data: DataConfig = DataConfig(),
     threads_per_worker: int = 1,
     processes: bool = True,
     batch_size: int | None = None,
-    device: Device | None = None,
     worker_resources: dict[str, float] | None = None,
-    dashboard_address: str | None = None,
 ) -> dict[str, Any]:
     """Encode the class-folder image tree at ``source`` into the latent store at ``store``.
 
     Args:
         source: ``<source>/<class>/<image>`` on any fsspec URL (local path, file://, s3://, memory://).
         store: the Zarr store URL, normally ``<root>/latents/<name>.zarr`` (results cache under ``<root>``).
-        autoencoder, vae: ``pixels``, or ``sd-vae`` with ``vae`` a local AutoencoderKL directory or hub id.
-        resolution: side of the ADM center crop, in pixels. shard_size: rows per shard = per encode task.
-        latent_dtype: of the stored mean and std. on_bad_image: ``fail`` the shard, or ``skip`` and list it.
-        workers, threads_per_worker, processes: the LocalCluster; dask_address: use that cluster instead.
+        data: how to build: autoencoder (and vae), resolution, shard_size, latent_dtype, on_bad_image, the
+            cluster (workers, or dask_address; dask_dashboard) and the device (see DataConfig). Its source,
+            store_name and upscale are not read here: ``source`` and ``store`` are the URLs they led to.
+        threads_per_worker, processes: the LocalCluster's workers (processes=False: threads, for tests).
         batch_size: images per autoencoder call (default: the autoencoder's).
-        device: where the autoencoder runs (default: cuda when the worker sees one). worker_resources: Dask
-            resources per encode task; default ``{"GPU": 1}`` with device cuda, else none.
-        dashboard_address: the LocalCluster's Dask dashboard (``:8787``; None: none).
+        worker_resources: Dask resources per encode task; default ``{"GPU": 1}`` with device cuda, else none.
 
     Returns a summary: the store URL, rows, shards encoded in this run, skipped files, seconds.
     """
     logger = get_run_logger()
     t0 = time.perf_counter()
-    expect = {
-        "autoencoder_name": autoencoder,
-        "resolution": resolution,
-        "latent_dtype": latent_dtype,
-        "shard_size": shard_size,
-    }
-    status = store_status(store, expect)
+    status = store_status(store, expected_attrs(data))
     if status["complete"]:
         logger.info(
             f"store {store} is complete ({status['num_rows']} rows, source {status['dataset_fingerprint']}):"
@@ -236,14 +218,13 @@ def build_latents(
             "report": status["report"],
             "seconds": round(time.perf_counter() - t0, 3),
         }
-    plan = plan_shards(source, shard_size)
-    ae = {"name": autoencoder, "vae": vae}
-    prepared = prepare_store(store, plan, ae, resolution, latent_dtype, shard_size)
-    worker_resources = task_resources(device, worker_resources)
-    runner = dask_task_runner(workers, dask_address, threads_per_worker, processes, dashboard_address)
-    reporting = reporting_to_flow_api() if dask_address else contextlib.nullcontext()
+    plan = plan_shards(source, data.shard_size)
+    prepared = prepare_store(store, plan, data)
+    worker_resources = task_resources(data.device, worker_resources)
+    runner = dask_task_runner(data.workers, data.dask_address, threads_per_worker, processes, data.dask_dashboard)
+    reporting = reporting_to_flow_api() if data.dask_address else contextlib.nullcontext()
     with worker_malloc_config(), runner, reporting:  # prefect-dask logs the dashboard's link when there is one
-        results = encode_shards(runner, prepared, plan, on_bad_image, batch_size, device, worker_resources)
+        results = encode_shards(runner, prepared, plan, data.on_bad_image, batch_size, data.device, worker_resources)
     report = finalize_store(store)
     seconds = time.perf_counter() - t0
     encoded = sum(1 for r in results if r["encoded"] and not r["cached"])
@@ -259,7 +240,15 @@ def build_latents(
     }
 
 
-def run_build_latents(source: str, store: str, **options: Any) -> dict[str, Any]:
-    """The build as a plain call for the pipeline and the CLI: the flow with these parameters (a subflow
-    when called inside another flow). ``options`` are build_latents' keyword parameters."""
-    return build_latents(source=source, store=store, **options)
+def run_build_latents(
+    source: str,
+    store: str,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+    batch_size: int | None = None,
+    worker_resources: dict[str, float] | None = None,
+    **data: Any,
+) -> dict[str, Any]:
+    """The flow with the fields of its DataConfig as keywords (``resolution=8, shard_size=4``), for tests and
+    benchmarks; a subflow when called inside another flow."""
+    return build_latents(source, store, DataConfig(**data), threads_per_worker, processes, batch_size, worker_resources)

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from flows.cli_common import DeferredChoices
+
+
+def _autoencoders() -> list[str]:
+    from tasks.cli_support import autoencoder_names
+
+    return autoencoder_names()
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -32,9 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", metavar="STORE", help="latent store URL, normally <root>/latents/<name>.zarr")
     p.add_argument(
         "--autoencoder",
-        choices=["pixels", "sd-vae"],
+        choices=DeferredChoices(_autoencoders),
+        metavar="NAME",
         required=True,
-        help="pixels: the cropped pixels themselves; sd-vae: a diffusers AutoencoderKL (needs --vae)",
+        help="one of %(choices)s. pixels: the cropped pixels themselves; sd-vae: a diffusers AutoencoderKL (needs"
+        " --vae)",
     )
     p.add_argument(
         "--vae",
@@ -100,21 +110,15 @@ def run_make_digits(args: argparse.Namespace) -> int:
 
 def run_build_latents(args: argparse.Namespace) -> int:
     from tasks.cli_support import require_image_tree
-    from tasks.encode import store_status
+    from tasks.config import DataConfig
+    from tasks.encode import expected_attrs, store_status
 
     # What can be checked cheaply is checked before Prefect starts (the full listing of SOURCE is the flow's)
     if args.autoencoder == "sd-vae" and not args.vae:
         raise ValueError("--autoencoder sd-vae needs --vae PATH_OR_ID (a local AutoencoderKL directory or a hub id)")
     require_image_tree(args.source)
-    expect = {"autoencoder_name": args.autoencoder, "resolution": args.resolution}
-    store_status.fn(args.store, {**expect, "latent_dtype": args.latent_dtype, "shard_size": args.shard_size})
-    from flows.build_latents import run_build_latents as build
-    from flows.cli_errors import quiet_prefect_tracebacks
-
-    quiet_prefect_tracebacks()
-    summary = build(
-        args.source,
-        args.store,
+    data = DataConfig(
+        source=args.source,
         autoencoder=args.autoencoder,
         vae=args.vae,
         resolution=args.resolution,
@@ -123,10 +127,16 @@ def run_build_latents(args: argparse.Namespace) -> int:
         on_bad_image=args.on_bad_image,
         workers=args.workers,
         dask_address=args.dask_address,
-        threads_per_worker=args.threads_per_worker,
-        batch_size=args.batch_size,
         device=args.device,
-        dashboard_address=args.dashboard_address,
+        dask_dashboard=args.dashboard_address,
+    )
+    store_status.fn(args.store, expected_attrs(data))
+    from flows.build_latents import build_latents
+    from flows.cli_errors import quiet_prefect_tracebacks
+
+    quiet_prefect_tracebacks()
+    summary = build_latents(
+        args.source, args.store, data, threads_per_worker=args.threads_per_worker, batch_size=args.batch_size
     )
     print(json.dumps(summary, indent=1))
     return 0

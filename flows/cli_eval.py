@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import get_args
 
-from flows.cli_common import add_prefect_switch
-from tasks.config import FeatureExtractorName
+from flows.cli_common import DeferredChoices, add_prefect_switch
+
+
+def _feature_extractors() -> list[str]:
+    from tasks.cli_support import feature_extractor_names
+
+    return feature_extractor_names()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--feature-extractor",
-        choices=get_args(FeatureExtractorName),  # the keys of dumo_model.features.FEATURE_EXTRACTORS
+        choices=DeferredChoices(_feature_extractors),
+        metavar="NAME",
         help="classifier: a small CNN trained once on the dataset's labelled images (offline; FID in "
         "its feature space, class accuracy); inception-v3-compat: torch-fidelity's Inception-v3 (FID, "
         "IS, KID), needs its weights file",

@@ -57,17 +57,17 @@ def _pipeline(config: str, overrides: list[str]) -> dict:
     _offline_defaults()
     from tasks.config import load_config
 
-    cfg = load_config(config, overrides)  # a bad config fails here, before Prefect starts
+    cfg = load_config(config, overrides)  # parsed once: a bad config fails here, before Prefect starts
     from tasks.cli_support import latent_store_is_complete
-    from tasks.train import preflight, resolve
+    from tasks.train import preflight
 
     if latent_store_is_complete(cfg):  # built: training's checks too
-        preflight(resolve(cfg))  # (batch vs store, a run that cannot resume) before Prefect starts
+        preflight(cfg)  # (batch vs store, a run that cannot resume) before Prefect starts
     from flows.cli_errors import quiet_prefect_tracebacks
     from flows.pipeline import full_pipeline
 
     quiet_prefect_tracebacks()
-    return full_pipeline(config=config, overrides=overrides)
+    return full_pipeline(config=cfg)
 
 
 def _print_results(summary: dict) -> None:
@@ -95,12 +95,12 @@ def compare(args: argparse.Namespace) -> int:
     _offline_defaults()
     from tasks.config import load_config
 
-    load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # parsed once: a bad config fails before Prefect starts
     from flows.cli_errors import quiet_prefect_tracebacks
     from flows.compare import compare_objectives
 
     quiet_prefect_tracebacks()
-    written = compare_objectives(config=args.config, overrides=args.overrides)
+    written = compare_objectives(config=cfg)
     print("\n" + written["table"])
     print(f"comparison: {written['dir']} (table.md, results.json, plot.png)")
     return 0

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from flows.cli_errors import quiet_prefect_tracebacks
     from flows.cli_setup import plain_logging, use_prefect
     from tasks.config import load_config
-    from tasks.train import preflight, resolve
+    from tasks.train import preflight
 
     node, overrides = None, list(args.overrides)
     if args.nnodes is not None:
@@ -48,15 +48,15 @@ def run(args: argparse.Namespace) -> int:
 
         node = NodeLaunch(args.nnodes, args.node_rank, args.master_addr, args.master_port)
         overrides += node.config_overrides()
-    cfg = load_config(args.config, overrides)
-    preflight(resolve(cfg), node)  # config, store and resume checked before Prefect or any process starts
+    cfg = load_config(args.config, overrides)  # parsed once, here
+    preflight(cfg, node)  # config, store and resume checked before Prefect or any process starts
     # Node 0 runs the train flow (events); the other nodes train without a flow run.
     if use_prefect(args.prefect) and (node is None or node.node_rank == 0):
         from flows.train import train_flow
 
         quiet_prefect_tracebacks()
         node_args = None if node is None else asdict(node)
-        result = train_flow(config=args.config, overrides=overrides, node=node_args)
+        result = train_flow(config=cfg, node=node_args)
     else:
         from tasks.train import train_run
 

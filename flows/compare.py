@@ -12,16 +12,17 @@ from prefect import flow, get_run_logger
 
 from flows.pipeline import build_store
 from tasks.compare import ArmResult, arm_configs, check_identical, publish_comparison_task, store_shape
-from tasks.config import load_config
+from tasks.config import PipelineConfig, config_of
 from tasks.evaluate import evaluate_checkpoint_task
 from tasks.train import train_run
 
 
 @flow(name="compare-objectives", log_prints=True)
-def compare_objectives(config: str = "demo", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train and evaluate every arm of ``config``'s ``compare`` section. Arms run one after another (each
+def compare_objectives(config: str | PipelineConfig = "demo", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate every arm of ``config``'s ``compare`` section (``config``: a preset name or YAML
+    path, or the config the caller parsed already). Arms run one after another (each
     uses the whole machine). Re-running resumes unfinished arms and reuses finished ones and their metrics."""
-    cfg = load_config(config, overrides or [])
+    cfg = config_of(config, overrides)
     build_store(cfg)  # first: compute budgets count FLOPs on the store's latent shape
     arms = arm_configs(cfg, store_shape(cfg))
     check_identical(arms)  # before anything trains

@@ -15,29 +15,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.build_latents import build_latents
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig, config_of
 from tasks.evaluate import evaluate_checkpoint, evaluate_checkpoint_task
 from tasks.pipeline import locate_data_task, summarize_task
 from tasks.train import publish_loss_curve, train_run
 
 
 def build_store(cfg: PipelineConfig) -> dict[str, Any]:
-    where = locate_data_task(cfg)
-    d = cfg.data
-    return build_latents(
-        source=where["source"],
-        store=where["store"],
-        autoencoder=d.autoencoder,
-        vae=d.vae,
-        resolution=d.resolution,
-        shard_size=d.shard_size,
-        latent_dtype=d.latent_dtype,
-        on_bad_image=d.on_bad_image,
-        workers=d.workers,
-        dask_address=d.dask_address,
-        device=d.device,
-        dashboard_address=d.dask_dashboard,
-    )
+    where = locate_data_task(cfg.root, cfg.data)
+    return build_latents(where.source, where.store, cfg.data)
 
 
 def inline_evaluator(cfg: PipelineConfig):
@@ -56,11 +42,12 @@ def inline_evaluator(cfg: PipelineConfig):
 
 
 @flow(name="dumo", log_prints=True)
-def full_pipeline(config: str = "demo", overrides: list[str] | None = None) -> dict[str, Any]:
+def full_pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | None = None) -> dict[str, Any]:
     """Images to a trained one-step generator and its metrics. ``config``: a preset name in configs/
-    (demo, imagenet256-b2, imagenet256-xl2) or a YAML path; ``overrides``: ``key.path=value`` strings
-    (e.g. ``train.num_steps=2000``, ``root=s3://bucket/dumo``). Returns the run summary."""
-    cfg = load_config(config, overrides or [])  # every invariant is checked before any work starts
+    (demo, imagenet256-b2, imagenet256-xl2) or a YAML path, or the config the caller parsed already (the
+    CLI); ``overrides``: ``key.path=value`` strings (e.g. ``train.num_steps=2000``, ``root=s3://bucket/dumo``).
+    Returns the run summary."""
+    cfg = config_of(config, overrides)  # every invariant is checked before any work starts
     logger = get_run_logger()
     logger.info(
         f"run {cfg.name} on root {cfg.root}: {cfg.objective.name} {cfg.model.preset}, "

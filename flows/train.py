@@ -10,19 +10,20 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks.config import load_config
+from tasks.config import PipelineConfig, config_of
 from tasks.train import NodeLaunch, train_task
 
 
 @flow(name="train")
 def train_flow(
-    config: str = "demo", overrides: list[str] | None = None, node: dict[str, Any] | None = None
+    config: str | PipelineConfig = "demo", overrides: list[str] | None = None, node: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Train the run that ``config`` (a preset in configs/ or a YAML path) with ``overrides`` (``key=value``,
-    e.g. ``train.num_steps=1000``) describes. Returns run_url, checkpoint_url, step, final_loss, steps_per_s.
+    """Train the run that ``config`` (a preset in configs/ or a YAML path, or the config the caller parsed
+    already) with ``overrides`` (``key=value``, e.g. ``train.num_steps=1000``) describes. Returns run_url,
+    checkpoint_url, step, final_loss, steps_per_s.
     ``node``: NodeLaunch's fields when this is node 0's launcher of a multi-node job (flows/train_nodes.py
     drives a whole multi-node job)."""
-    cfg = load_config(config, overrides or [])  # validation errors surface here, before any process starts
+    cfg = config_of(config, overrides)  # validation errors surface here, before any process starts
     get_run_logger().info(f"resolved config of run {cfg.name}:\n{cfg.to_yaml()}")
     return train_task(cfg, None if node is None else NodeLaunch(**node))
 

@@ -25,10 +25,8 @@ import numpy as np
 import torch
 
 from storage import latents
-from storage.images import BadImageError, ImageFile, load_images
+from storage.images import BadImageError, BadImagePolicy, ImageFile, load_images
 
-AutoencoderName = Literal["pixels", "sd-vae"]
-AUTOENCODERS: tuple[str, ...] = ("pixels", "sd-vae")
 # Rombach et al. 2022 (sec. 4.3.2, D.1): unit-variance scaling of SD-VAE latents. The one place it is written;
 # a VAE whose config names another scaling_factor (e.g. SDXL's) uses its own.
 SD_VAE_LATENT_SCALE = 0.18215
@@ -55,7 +53,7 @@ class AutoencoderSpec:
 
     def __post_init__(self) -> None:
         if self.name not in AUTOENCODERS:
-            raise ValueError(f"autoencoder must be one of {AUTOENCODERS}, got {self.name!r}")
+            raise ValueError(f"autoencoder must be one of {tuple(AUTOENCODERS)}, got {self.name!r}")
         if self.name == "sd-vae" and not self.vae:
             raise ValueError("the sd-vae autoencoder needs --vae: a local AutoencoderKL directory or a hub id")
 
@@ -160,6 +158,9 @@ class Autoencoder:
 
 
 class PixelsAutoencoder(Autoencoder):
+    def __init__(self, vae: str | None = None, device: torch.device | None = None) -> None:
+        pass  # the identity: no weights, no device
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
         return x, torch.zeros_like(x)
@@ -171,10 +172,10 @@ class PixelsAutoencoder(Autoencoder):
 class SDVAE(Autoencoder):
     default_batch_size = 16
 
-    def __init__(self, vae: str, device: torch.device):
+    def __init__(self, vae: str | None, device: torch.device):
         from diffusers import AutoencoderKL
 
-        path, _ = resolve_vae_dir(vae)
+        path, _ = resolve_vae_dir(vae or "")
         self.device = device
         self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
         self.latent_scale = float(self.vae.config.scaling_factor or SD_VAE_LATENT_SCALE)
@@ -197,13 +198,19 @@ class SDVAE(Autoencoder):
         return x.float().clamp(-1, 1).cpu()
 
 
+# The autoencoders by name, each with its class (constructed with the spec's vae and a device): the one list
+# of names, from which the config's Literal and the CLI's choices derive.
+AUTOENCODERS: dict[str, type[Autoencoder]] = {"pixels": PixelsAutoencoder, "sd-vae": SDVAE}
+AutoencoderName = Literal[tuple(AUTOENCODERS)]  # type: ignore[valid-type]
+
+
 def get_autoencoder(spec: AutoencoderSpec, device: str | torch.device | None = None) -> Autoencoder:
     """The autoencoder for ``spec``, loaded once per process and device."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     key = (spec.name, spec.vae, str(dev))
     with _LOCK:  # threads of one Dask worker share the model
         if key not in _MODELS:
-            _MODELS[key] = PixelsAutoencoder() if spec.name == "pixels" else SDVAE(spec.vae or "", dev)
+            _MODELS[key] = AUTOENCODERS[spec.name](spec.vae, dev)
             ENCODE_STATS["loads"] += 1
         return _MODELS[key]
 
@@ -225,7 +232,7 @@ def encode_files(
     info: AutoencoderInfo,
     resolution: int,
     first_row: int,
-    on_bad_image: Literal["fail", "skip"] = "fail",
+    on_bad_image: BadImagePolicy = "fail",
     batch_size: int | None = None,
     device: str | None = None,
 ) -> EncodedRows:
@@ -281,7 +288,7 @@ def encode_shard(
     source_url: str,
     files: Sequence[ImageFile],
     spec: AutoencoderSpec,
-    on_bad_image: Literal["fail", "skip"] = "fail",
+    on_bad_image: BadImagePolicy = "fail",
     batch_size: int | None = None,
     extra: dict[str, Any] | None = None,
     device: str | None = None,

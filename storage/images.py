@@ -24,7 +24,7 @@ import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +44,7 @@ CONVERSIONS = (
 )
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 CROP_RECIPE = "adm_center_crop"
+BadImagePolicy = Literal["fail", "skip"]  # a file that does not decode fails its shard, or is skipped and listed
 PIXEL_RANGE = (-1.0, 1.0)
 
 
@@ -121,9 +122,25 @@ def list_images(url: str) -> ImageSource:
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """One shard = one encode task: its rows and, when planned from a listed source, its files."""
+
     index: int
     start: int  # first row (inclusive)
     stop: int  # last row (exclusive)
+    files: tuple[ImageFile, ...] = ()  # the source files of rows start..stop, in row order
+    fingerprint: str | None = None  # fingerprint(files): stands for them in records and cache keys
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """A listed source cut into shards: everything the store and its encode tasks are made from."""
+
+    source_url: str
+    num_rows: int
+    class_names: tuple[str, ...]
+    fingerprint: str  # of the whole source
+    image_channels: int  # 1 (grey) or 3, as probe_channels found them
+    shards: tuple[ShardPlan, ...]
 
 
 def plan_shards(num_rows: int, shard_size: int) -> list[ShardPlan]:
@@ -133,6 +150,22 @@ def plan_shards(num_rows: int, shard_size: int) -> list[ShardPlan]:
     return [
         ShardPlan(i, start, min(start + shard_size, num_rows)) for i, start in enumerate(range(0, num_rows, shard_size))
     ]
+
+
+def plan_source(source: ImageSource, shard_size: int) -> SourcePlan:
+    """``source`` cut into shards of ``shard_size`` rows, each with its files and their fingerprint."""
+    shards = []
+    for s in plan_shards(len(source), shard_size):
+        files = source.files[s.start : s.stop]
+        shards.append(ShardPlan(s.index, s.start, s.stop, files, fingerprint(files)))
+    return SourcePlan(
+        source_url=source.url,
+        num_rows=len(source),
+        class_names=source.class_names,
+        fingerprint=source.fingerprint,
+        image_channels=probe_channels(source),
+        shards=tuple(shards),
+    )
 
 
 def adm_center_crop(image: Image.Image, resolution: int) -> Image.Image:

@@ -123,3 +123,17 @@ def evaluation_files(eval_dir: str) -> dict[str, str]:
         "grid": fs.display(fs.join(eval_dir, GRID_FILE)),
         "metrics": fs.display(fs.join(eval_dir, METRICS_FILE)),
     }
+
+
+def autoencoder_names() -> list[str]:
+    """The autoencoders a latent store can be built with (storage.autoencoders.AUTOENCODERS, the one list)."""
+    from storage.autoencoders import AUTOENCODERS
+
+    return list(AUTOENCODERS)
+
+
+def feature_extractor_names() -> list[str]:
+    """The feature extractors an evaluation can score in (dumo_model.features.FEATURE_EXTRACTORS, the one list)."""
+    from dumo_model.features import FEATURE_EXTRACTORS
+
+    return list(FEATURE_EXTRACTORS)

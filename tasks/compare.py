@@ -28,7 +28,7 @@ from dumo_model.metrics import Scores
 from dumo_model.samplers import SamplerConfig
 from storage import fs
 from storage.layout import Root
-from tasks.config import U_HEAD_TIME_SCALE, PipelineConfig
+from tasks.config import U_HEAD_TIME_SCALE, PipelineConfig, revalidate
 from tasks.evaluate import EvalRecord
 from tasks.modeling import dit_config
 
@@ -83,16 +83,19 @@ def store_shape(cfg: PipelineConfig) -> tuple[int, int, int]:
 def arm_config(cfg: PipelineConfig, arm: str, seed: int, steps: int) -> PipelineConfig:
     """The run config with only the arm's keys changed. An unset time_scale is pinned to the u-head
     default for every arm, so the flow-matching arm gets the same backbone as the others."""
-    data = cfg.model_dump(mode="python")
-    data["name"] = f"{cfg.name}-{arm.replace('_', '-')}-s{seed}-n{steps}"
-    data["objective"] = {**data["objective"], "name": arm}
+    changes: dict[str, Any] = {
+        "name": f"{cfg.name}-{arm.replace('_', '-')}-s{seed}-n{steps}",
+        "objective.name": arm,
+        "train.seed": seed,
+        "train.num_steps": steps,
+        "eval.samplers": samplers_of(arm, cfg),
+        "eval.protocol": f"{cfg.eval.protocol}-compare",
+    }
     if arm == "meanflow":
-        data["objective"]["derivative"] = cfg.compare.meanflow_derivative
-    if data["model"].get("time_scale") is None:
-        data["model"] = {**data["model"], "time_scale": U_HEAD_TIME_SCALE}
-    data["train"] = {**data["train"], "seed": seed, "num_steps": steps}
-    data["eval"] = {**data["eval"], "samplers": samplers_of(arm, cfg), "protocol": f"{cfg.eval.protocol}-compare"}
-    return PipelineConfig.model_validate(data)
+        changes["objective.derivative"] = cfg.compare.meanflow_derivative
+    if cfg.model.overrides.get("time_scale") is None:
+        changes["model.time_scale"] = U_HEAD_TIME_SCALE
+    return revalidate(cfg, changes)
 
 
 def steps_for_compute(cfg: PipelineConfig, arm: str, passes: int, latent_shape: tuple[int, int, int]) -> int:

@@ -1,5 +1,7 @@
 """Typed pipeline configuration: YAML presets in configs/ plus ``key=value`` overrides, validated before
-any work starts, resolved once and written into the run directory.
+any work starts, resolved once and written into the run directory. Whoever starts the work parses the
+preset once (the CLI with load_config, a deployment's flow run through config_of) and hands the typed config
+down; a config derived from another (the resolved one, a comparison arm) goes through revalidate.
 
 The objective and sampler sections are the model library's own dataclasses (validated by pydantic), so
 no option exists in two places. This module imports no Prefect: the training ranks import it too.
@@ -7,6 +9,7 @@ no option exists in two places. This module imports no Prefect: the training ran
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,12 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dumo_model.dit import model_config
 from dumo_model.features import FeatureExtractorName
-from dumo_model.objectives import ObjectiveConfig
+from dumo_model.objectives import HEADS_OF_OBJECTIVE, Derivative, ObjectiveConfig, ObjectiveName
 from dumo_model.pretrained import TIME_SCALE
 from dumo_model.samplers import SamplerConfig
+from storage.autoencoders import AutoencoderName
+from storage.images import BadImagePolicy
+from storage.layout import Root
 from tasks.config_files import CONFIG_DIR, config_presets
 
-HEADS_OF_OBJECTIVE = {"dumo": "dual", "meanflow": "u", "flow_matching": "v"}
+Device = Literal["cpu", "cuda"]
 # time_scale of a network with a u head when model.time_scale is unset: raw t (MeanFlow's official code).
 # bench/numerics.py: a finite difference at DiT's 1000 is ~100% off even in fp32 (docs/model.md).
 U_HEAD_TIME_SCALE = 1.0
@@ -70,16 +76,17 @@ class DataConfig(Section):
     # scikit-learn digits under <root>/images/digits first.
     source: str = "builtin:digits"
     store_name: str = "digits-8"
-    autoencoder: Literal["pixels", "sd-vae"] = "pixels"
+    autoencoder: AutoencoderName = "pixels"
     vae: str | None = None  # local directory or hub id of the SD-VAE
     resolution: int = Field(8, ge=2)
     upscale: int = Field(1, ge=1)  # builtin:digits only: integer upscale of the 8x8 images
     shard_size: int = Field(256, ge=1)
     latent_dtype: Literal["float16", "float32"] = "float32"
-    on_bad_image: Literal["fail", "skip"] = "fail"
+    on_bad_image: BadImagePolicy = "fail"
     workers: int | None = Field(None, ge=1)  # Dask workers of the LocalCluster; None = sized to the machine
     dask_address: str | None = None  # an existing Dask scheduler instead of a LocalCluster
-    device: Literal["cpu", "cuda"] | None = None  # of the autoencoder; cuda: each encode task takes 1 GPU resource
+    # Of the autoencoder (None: cuda when the worker sees one); cuda: each encode task takes 1 GPU resource
+    device: Device | None = None
     dask_dashboard: str | None = None  # the LocalCluster's dashboard address (":8787"); None: no dashboard
     in_memory: Literal["auto", True, False] = "auto"  # reader keeps the whole store in memory
     # Train on the stored horizontal flips too (ImageNet, the lineage's habit). Off for data whose mirror
@@ -146,7 +153,7 @@ class TrainConfig(Section):
     num_nodes: int = Field(1, ge=1)
     hostfile: str | None = None  # multi-node through the deepspeed launcher (else launcher torchrun per node)
     launcher: Literal["auto", "inline", "torchrun", "deepspeed"] = "auto"
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Device = "cpu"
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["fp32", "bf16"] = "fp32"
     lr: float = Field(1e-4, gt=0)
@@ -220,14 +227,14 @@ class CompareConfig(Section):
     """The equal-budget ablation (``dumo compare``): arms trained on the same store, backbone, seed, batch
     and steps, evaluated under one protocol. Flow matching is sampled with multi-step Euler."""
 
-    arms: tuple[Literal["flow_matching", "meanflow", "dumo"], ...] = ("flow_matching", "meanflow", "dumo")
+    arms: tuple[ObjectiveName, ...] = ("flow_matching", "meanflow", "dumo")
     seeds: tuple[int, ...] = (0, 1)
     budgets: tuple[int, ...] = ()  # training steps per arm; empty = train.num_steps
     euler_steps: tuple[int, ...] = (1, 2, 4, 8)  # sampling steps of the flow-matching arm
     # Equal compute: budgets in forward passes of the flow-matching network per training sample (800
     # flow-matching steps = 2400); each arm trains the steps that cost as many FLOPs.
     compute_budgets: tuple[int, ...] = ()
-    meanflow_derivative: Literal["jvp", "finite_difference"] = "jvp"  # MeanFlow's official code: JVP
+    meanflow_derivative: Derivative = "jvp"  # MeanFlow's official code: JVP
 
     @field_validator("arms", "seeds", "euler_steps")
     @classmethod
@@ -294,6 +301,17 @@ def resolve_path(name_or_path: str) -> Path:
     raise FileNotFoundError(f"no config file {name_or_path!r} and no preset of that name; presets: {known}")
 
 
+def _set(data: dict[str, Any], key: str, value: Any, item: str) -> None:
+    """Set the dotted ``key`` of a nested dict; ``item`` names the change in errors."""
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict."""
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
@@ -301,13 +319,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key.path=value")
         key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        _set(out, key, yaml.safe_load(raw), item)
     return out
 
 
@@ -319,6 +331,31 @@ def load_config(
     if name_or_path is not None:
         data = yaml.safe_load(resolve_path(name_or_path).read_text()) or {}
     return PipelineConfig.model_validate(apply_overrides(data, overrides))
+
+
+def config_of(config: str | PipelineConfig, overrides: Sequence[str] | None = None) -> PipelineConfig:
+    """A flow's ``config`` parameter as the typed config. Whoever starts the work parses it, once: a
+    deployment run gives a preset name or YAML path (plus ``overrides``), parsed here; the CLI has parsed and
+    checked it before Prefect starts, and passes the PipelineConfig, used as it is."""
+    if not isinstance(config, PipelineConfig):
+        return load_config(config, tuple(overrides or ()))
+    return load_config(None, tuple(overrides), config.model_dump(mode="json")) if overrides else config
+
+
+def revalidate(cfg: PipelineConfig, changes: Mapping[str, Any]) -> PipelineConfig:
+    """``cfg`` with ``changes`` applied (dotted keys, values as the fields take them: ``{"train.seed": 1}``)
+    and every invariant checked again: the one way to derive a config from another (``model_copy`` checks
+    nothing)."""
+    data = cfg.model_dump(mode="json")
+    for key, value in changes.items():
+        _set(data, key, value, key)
+    return PipelineConfig.model_validate(data)
+
+
+def resolve(cfg: PipelineConfig) -> PipelineConfig:
+    """The config as its run records it (runs/<run>/config.yaml): re-validated (it may come from a
+    ``model_copy``), the root made absolute."""
+    return revalidate(cfg, {"root": Root(cfg.root).url})
 
 
 def config_from_yaml_text(text: str) -> PipelineConfig:

@@ -1,8 +1,11 @@
 """Prefect tasks of the build-latents flow: plan -> prepare store -> encode each shard -> finalize.
 
 Each body is a few calls into ``storage``; the same functions work without Prefect (``.fn``).
-``encode_shard`` is cached on its inputs + its source (not the run id), keyed by store URL and id, shard
-index, the shard's source fingerprint, the autoencoder identity and the preprocessing, with results kept
+The values that cross the tasks are typed: the plan is a ``storage.images.SourcePlan`` of ``ShardPlan``s,
+the prepared store a ``PreparedStore`` whose ``target`` each encode task takes.
+``encode_shard`` is cached on its inputs + its source (not the run id), keyed by its target (store URL and
+id, autoencoder, its identity, the preprocessing) and its shard (index, rows, files and their fingerprint),
+with results kept
 under the store's root (``<root>/cache/results``), so a re-run on any machine of a cluster skips finished
 shards. The shard records in the store stay the truth: ``finalize`` checks them, whatever the cache says.
 """
@@ -10,8 +13,9 @@ shards. The shard records in the store stay the truth: ``finalize`` checks them,
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
@@ -21,7 +25,9 @@ from prefect.tasks import Task, exponential_backoff
 from storage import autoencoders, images, latents
 from storage.autoencoders import AutoencoderSpec, describe
 from storage.fs import is_local, local_path, storage_options
+from storage.images import BadImagePolicy, ShardPlan, SourcePlan
 from storage.layout import root_of_latent_store
+from tasks.config import DataConfig, Device
 from tasks.retry import retry_transient
 
 FLIP_POLICY = "stored: axis 1 of mean/std = [original, horizontal flip]; the reader picks one uniformly"
@@ -45,35 +51,39 @@ def result_storage(store_url: str) -> Path | WritableFileSystem:
     return block
 
 
+@dataclass(frozen=True)
+class StoreTarget:
+    """What an encode task writes into, and with what: the store (URL, and id: a recreated store is another
+    one), the autoencoder, its identity (weights digest) and the preprocessing. All of it keys the cache."""
+
+    store_url: str
+    store_id: str
+    autoencoder: AutoencoderSpec
+    autoencoder_identity: dict[str, Any]
+    preprocessing: dict[str, Any]  # {"crop", "resolution", "image_channels"}
+
+
+@dataclass(frozen=True)
+class PreparedStore:
+    """A store ready for its encode tasks. ``recorded`` (shards already written, when a build resumes) is
+    kept out of the target: it changes from run to run, and the cache key of a shard must not."""
+
+    target: StoreTarget
+    num_rows: int
+    num_shards: int
+    recorded: frozenset[int]
+
+
 # Only encode_shard is cached; the other tasks are cheap, and hashing a plan (every source file) is not.
 @task(name="plan-shards", cache_policy=NO_CACHE)
-def plan_shards(source_url: str, shard_size: int) -> dict[str, Any]:
+def plan_shards(source_url: str, shard_size: int) -> SourcePlan:
     """List the source tree and cut it into shards of ``shard_size`` rows, with per-shard fingerprints."""
-    source = images.list_images(source_url)
-    shards = []
-    for s in images.plan_shards(len(source), shard_size):
-        files = source.files[s.start : s.stop]
-        shards.append(
-            {
-                "index": s.index,
-                "start": s.start,
-                "stop": s.stop,
-                "fingerprint": images.fingerprint(files),
-                "files": [[f.relpath, f.size, f.label] for f in files],
-            }
-        )
+    plan = images.plan_source(images.list_images(source_url), shard_size)
     get_run_logger().info(
-        f"source {source_url}: {len(source)} images in {len(source.class_names)} classes,"
-        f" {len(shards)} shards of {shard_size} rows"
+        f"source {source_url}: {plan.num_rows} images in {len(plan.class_names)} classes,"
+        f" {len(plan.shards)} shards of {shard_size} rows"
     )
-    return {
-        "source_url": source_url,
-        "num_rows": len(source),
-        "class_names": list(source.class_names),
-        "fingerprint": source.fingerprint,
-        "image_channels": images.probe_channels(source),
-        "shards": shards,
-    }
+    return plan
 
 
 def _compatibility(info: latents.StoreInfo, wanted: dict[str, Any]) -> list[str]:
@@ -84,21 +94,24 @@ def _compatibility(info: latents.StoreInfo, wanted: dict[str, Any]) -> list[str]
     return [f"{k}: store has {have.get(k)!r}, asked for {v!r}" for k, v in wanted.items() if have.get(k) != v]
 
 
+def expected_attrs(data: DataConfig) -> dict[str, Any]:
+    """The store attributes that ``data`` fixes before any source is listed (see store_status)."""
+    return {
+        "autoencoder_name": data.autoencoder,
+        "resolution": data.resolution,
+        "latent_dtype": data.latent_dtype,
+        "shard_size": data.shard_size,
+    }
+
+
 @task(name="prepare-store", cache_policy=NO_CACHE)
-def prepare_store(
-    store_url: str,
-    plan: dict[str, Any],
-    autoencoder: dict[str, Any],
-    resolution: int,
-    latent_dtype: Literal["float16", "float32"],
-    shard_size: int,
-) -> dict[str, Any]:
-    """Create the store, or reopen a half-built one made for the same source, autoencoder and settings.
-    ``autoencoder``: ``{"name": "pixels"|"sd-vae", "vae": path or hub id or None}``."""
-    spec = AutoencoderSpec(**autoencoder)
-    ae = describe(spec, plan["image_channels"] if spec.name == "pixels" else 3, resolution)
+def prepare_store(store_url: str, plan: SourcePlan, data: DataConfig) -> PreparedStore:
+    """Create the store, or reopen a half-built one made for the same source, autoencoder and settings."""
+    spec = AutoencoderSpec(data.autoencoder, data.vae)
+    resolution, latent_dtype, shard_size = data.resolution, data.latent_dtype, data.shard_size
+    ae = describe(spec, plan.image_channels if spec.name == "pixels" else 3, resolution)
     wanted = {
-        "dataset_fingerprint": plan["fingerprint"],
+        "dataset_fingerprint": plan.fingerprint,
         "autoencoder_name": spec.name,
         "weights_digest": ae.identity["weights_digest"],
         "resolution": resolution,
@@ -107,7 +120,7 @@ def prepare_store(
         "latent_shape": list(ae.latent_shape),
         "latent_dtype": latent_dtype,
         "shard_size": shard_size,
-        "num_rows": plan["num_rows"],
+        "num_rows": plan.num_rows,
     }
     logger = get_run_logger()
     if latents.store_exists(store_url):
@@ -129,63 +142,49 @@ def prepare_store(
             "resolution": resolution,
             "image_channels": ae.image_channels,
             "flip": FLIP_POLICY,
-            "class_names": plan["class_names"],
-            "dataset_fingerprint": plan["fingerprint"],
-            "source_url": plan["source_url"],  # where verify-store --repair re-encodes from
+            "class_names": list(plan.class_names),
+            "dataset_fingerprint": plan.fingerprint,
+            "source_url": plan.source_url,  # where verify-store --repair re-encodes from
         }
-        info = latents.create(store_url, plan["num_rows"], ae.latent_shape, latent_dtype, shard_size, attrs)
+        info = latents.create(store_url, plan.num_rows, ae.latent_shape, latent_dtype, shard_size, attrs)
         recorded = []
         c, h, w = ae.latent_shape
         logger.info(f"store {store_url}: created, {info.num_rows} rows of ({c}, {h}, {w}) {latent_dtype}")
-    return {
-        "store_url": store_url,
-        "store_id": info.store_id,
-        "num_rows": info.num_rows,
-        "num_shards": info.num_shards,
-        "recorded": recorded,
-        "autoencoder": autoencoder,
-        "autoencoder_identity": ae.identity,
-        "preprocessing": {"crop": images.CROP_RECIPE, "resolution": resolution, "image_channels": ae.image_channels},
-    }
+    preprocessing = {"crop": images.CROP_RECIPE, "resolution": resolution, "image_channels": ae.image_channels}
+    target = StoreTarget(store_url, info.store_id, spec, ae.identity, preprocessing)
+    return PreparedStore(target, info.num_rows, info.num_shards, frozenset(recorded))
 
 
 @task(
     name="encode-shard",
     # Exclusions go on INPUTS itself: a compound policy's "-" adds a second Inputs policy beside the first.
-    cache_policy=(INPUTS - "files" - "source_url" - "batch_size" - "device") + TASK_SOURCE,
+    cache_policy=(INPUTS - "source_url" - "batch_size" - "device") + TASK_SOURCE,
     persist_result=True,
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=_retry_on_io_error,
 )
 def encode_shard(
-    store_url: str,
-    store_id: str,
-    shard_index: int,
-    shard_fingerprint: str,
-    autoencoder: dict[str, Any],
-    autoencoder_identity: dict[str, Any],
-    preprocessing: dict[str, Any],
-    on_bad_image: Literal["fail", "skip"],
+    target: StoreTarget,
+    shard: ShardPlan,
+    on_bad_image: BadImagePolicy,
     source_url: str,
-    files: list[list[Any]],
     batch_size: int | None = None,
-    device: Literal["cpu", "cuda"] | None = None,
+    device: Device | None = None,
 ) -> dict[str, Any]:
     """Encode one shard's images and write them as one whole Zarr shard, then its record. Returns a small
-    dict. The cache key is the rest of the inputs: ``store_id`` (a recreated store is a new one),
-    ``autoencoder_identity`` and ``preprocessing`` are there for it alone; ``files``, ``source_url``,
-    ``batch_size`` and ``device`` are left out: the fingerprint stands for the files, and the other two
+    dict. The cache key is the rest of the inputs: the target (``store_id``, ``autoencoder_identity`` and
+    ``preprocessing`` are there for it alone), the shard and the bad-image policy. ``source_url``,
+    ``batch_size`` and ``device`` are left out: the shard's files stand for the source, and the other two
     change how a shard is encoded, not which one."""
+    store_url, shard_index, files = target.store_url, shard.index, shard.files
     record = latents.shard_record(store_url, shard_index)
-    if record and record.get("source_fingerprint") == shard_fingerprint:
+    if record and record.get("source_fingerprint") == shard.fingerprint:
         # written by an earlier run whose cached result is gone: the record is the proof
         return {"index": shard_index, "rows": len(files), "skipped": len(record["skipped"]), "encoded": False}
-    image_files = [images.ImageFile(rel, int(size), int(label)) for rel, size, label in files]
-    spec = AutoencoderSpec(**autoencoder)
-    extra = {"source_fingerprint": shard_fingerprint}
+    extra = {"source_fingerprint": shard.fingerprint}
     record = autoencoders.encode_shard(
-        store_url, shard_index, source_url, image_files, spec, on_bad_image, batch_size, extra, device
+        store_url, shard_index, source_url, files, target.autoencoder, on_bad_image, batch_size, extra, device
     )
     logger = get_run_logger()
     for s in record["skipped"]:

@@ -28,7 +28,7 @@ def export_checkpoint(url: str, out_dir: str, weights: Weights = "ema", drop_v_h
     model = load_checkpoint_model(url, weights)
     state, model_cfg = export_state(model, drop_v_head)
     try:
-        attrs = store_attrs(root, cfg)
+        attrs = store_attrs(root, cfg.data.store_name)
     except FileNotFoundError:
         attrs = {}
         log.warning(f"the run's latent store is not on {root.url}: the export names no autoencoder")

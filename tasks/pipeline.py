@@ -4,6 +4,7 @@ the summary of a run. Plain functions first (callable without Prefect), tasks la
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
@@ -12,32 +13,40 @@ from prefect.cache_policies import NO_CACHE
 from storage import fs, images, metrics
 from storage.layout import Root
 from storage.train_log import loss_headline
-from tasks.config import PipelineConfig
+from tasks.config import DataConfig, PipelineConfig
 from tasks.evaluate import EvalRecord
 
 BUILTIN_DIGITS = "builtin:digits"
 log = logging.getLogger("dumo.pipeline")
 
 
-def source_and_store(cfg: PipelineConfig) -> dict[str, str]:
+@dataclass(frozen=True)
+class DataLocation:
+    """Where a run's images are read from and its latent store is written (build_latents' URLs)."""
+
+    source: str
+    store: str
+
+
+def source_and_store(root_url: str, data: DataConfig) -> DataLocation:
     """The image tree URL (writing the builtin digits tree under the root first when asked) and the
     latent store URL of a run."""
-    root = Root(cfg.root)
-    source = cfg.data.source
+    root = Root(root_url)
+    source = data.source
     if source == BUILTIN_DIGITS:
-        name = "digits" if cfg.data.upscale == 1 else f"digits-x{cfg.data.upscale}"
+        name = "digits" if data.upscale == 1 else f"digits-x{data.upscale}"
         source = root.images(name)
         if not fs.exists(fs.join(source, "9")):  # the last class folder is written last
-            tree = images.write_digits(source, upscale=cfg.data.upscale)
+            tree = images.write_digits(source, upscale=data.upscale)
             log.info(f"wrote the scikit-learn digits tree: {len(tree.files)} images in {source}")
     elif source.startswith("builtin:"):
         raise ValueError(f"unknown builtin source {source!r}; the one builtin is {BUILTIN_DIGITS!r}")
-    return {"source": source, "store": root.latent_store(cfg.data.store_name)}
+    return DataLocation(source, root.latent_store(data.store_name))
 
 
 @task(name="locate-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def locate_data_task(cfg: PipelineConfig) -> dict[str, str]:
-    return source_and_store(cfg)
+def locate_data_task(root_url: str, data: DataConfig) -> DataLocation:
+    return source_and_store(root_url, data)
 
 
 def _final_losses(train: dict[str, Any]) -> str:

@@ -57,8 +57,8 @@ def run_context(url: str) -> tuple[Root, str, int, PipelineConfig]:
     return root, run, step, config_from_yaml_text(checkpoints.read_config_yaml(url))
 
 
-def store_attrs(root: Root, cfg: PipelineConfig) -> dict[str, Any]:
-    store = root.latent_store(cfg.data.store_name)
+def store_attrs(root: Root, store_name: str) -> dict[str, Any]:
+    store = root.latent_store(store_name)
     if not latents.store_exists(store):
         raise FileNotFoundError(
             f"the run's latent store {store} is not there: its attributes name the autoencoder that turns latents"
@@ -67,13 +67,13 @@ def store_attrs(root: Root, cfg: PipelineConfig) -> dict[str, Any]:
     return dict(latents.open_store(store).attrs)
 
 
-def store_autoencoder(attrs: dict[str, Any], cfg: PipelineConfig, vae: str | None = None) -> Autoencoder:
-    """The autoencoder the store was encoded with. An SD-VAE is looked up offline (``vae``, else the run's
-    data.vae, else the id the store recorded) and must have the recorded weights digest."""
+def store_autoencoder(attrs: dict[str, Any], vae: str | None = None) -> Autoencoder:
+    """The autoencoder the store was encoded with. An SD-VAE is looked up offline (``vae``, the caller's or
+    the run's data.vae, else the id the store recorded) and must have the recorded weights digest."""
     identity = attrs["autoencoder"]
     if identity["name"] == "pixels":
         return get_autoencoder(AutoencoderSpec("pixels"))
-    spec = AutoencoderSpec("sd-vae", vae or cfg.data.vae or identity.get("id"))
+    spec = AutoencoderSpec("sd-vae", vae or identity.get("id"))
     found = describe(spec, int(attrs["image_channels"]), int(attrs["resolution"])).identity
     if found["weights_digest"] != identity["weights_digest"]:
         raise ValueError(
@@ -101,7 +101,7 @@ def sample_checkpoint(url: str, request: SampleRequest, out: str | None = None, 
     url = fs.normalize(url)
     checkpoints.read_marker(url)  # the one-line refusal of an uncommitted checkpoint, before anything else
     root, run, step, cfg = run_context(url)
-    attrs = store_attrs(root, cfg)
+    attrs = store_attrs(root, cfg.data.store_name)
     model = load_checkpoint_model(url, request.weights, dev)
     num_classes = model.cfg.num_classes
     classes = tuple(range(num_classes)) if request.classes is None else request.classes
@@ -113,7 +113,7 @@ def sample_checkpoint(url: str, request: SampleRequest, out: str | None = None, 
             f"guidance (cfg scale {request.sampler.cfg_scale:g}) needs the null class, which this run never trained"
             " (objective.label_dropout=0): sample without --cfg-scale"
         )
-    ae = store_autoencoder(attrs, cfg, request.vae)
+    ae = store_autoencoder(attrs, request.vae or cfg.data.vae)
     labels = np.repeat(np.asarray(classes, np.int64), request.per_class)  # class-major: rows of the grid
     images = generate(model, ae, labels, request, dev)
     block = images.reshape(len(classes), request.per_class, *images.shape[1:])

@@ -39,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from storage import checkpoints as ckpts
 from storage import fs, latents
 from storage.layout import Root, RunLayout
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, resolve
 from tasks.modeling import dit_config, resume_config
 from tasks.progress import PROGRESS_EVERY_S
 from tasks.run_context import in_prefect_run, run_logger
@@ -71,13 +71,6 @@ class NodeLaunch:
     def config_overrides(self) -> list[str]:
         """What this launch means for the run's config (the same on every node)."""
         return [f"train.num_nodes={self.nnodes}", "train.launcher=torchrun"]
-
-
-def resolve(cfg: PipelineConfig) -> PipelineConfig:
-    """Re-validate (a model_copy skips validation) and make the root absolute, as written in the run."""
-    data = cfg.model_dump(mode="json")
-    data["root"] = Root(cfg.root).url
-    return PipelineConfig.model_validate(data)
 
 
 def preflight(cfg: PipelineConfig, node: NodeLaunch | None = None) -> dict[str, Any]:

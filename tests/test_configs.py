@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import get_args
+
 import pytest
 from pydantic import ValidationError
 
-from tasks.config import CONFIG_DIR, PipelineConfig, config_from_yaml_text, load_config
+from dumo_model.objectives import HEADS_OF_OBJECTIVE, ObjectiveName
+from storage.autoencoders import AUTOENCODERS, AutoencoderName
+from tasks.config import (
+    CONFIG_DIR,
+    PipelineConfig,
+    config_from_yaml_text,
+    config_of,
+    load_config,
+    resolve,
+    revalidate,
+)
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
@@ -64,3 +77,32 @@ def test_overrides_parse_yaml_values_and_missing_preset_lists_presets():
     with pytest.raises(FileNotFoundError, match="demo"):
         load_config("no-such-preset")
     assert PipelineConfig().name == "demo"
+
+
+def test_a_parsed_config_is_used_as_it_is_and_a_name_is_parsed_once():
+    cfg = load_config("demo", ["train.num_steps=7"])
+    assert config_of(cfg) is cfg  # what the CLI hands a flow: not parsed again
+    assert config_of("demo", ["train.num_steps=7"]) == cfg  # what a deployment run hands it
+    assert config_of(cfg, ["train.seed=3"]).train.seed == 3 and cfg.train.seed == 0
+    with pytest.raises(ValidationError, match="global batch 128 != micro 42"):
+        config_of(cfg, ["train.num_processes=3"])
+
+
+def test_revalidate_checks_every_invariant_again_and_resolve_makes_the_root_absolute(tmp_path):
+    cfg = load_config("demo", [f"root={tmp_path}/r"])
+    changed = revalidate(cfg, {"name": "other", "train.seed": 5})
+    assert (changed.name, changed.train.seed, changed.model.overrides) == ("other", 5, cfg.model.overrides)
+    with pytest.raises(ValidationError, match="global batch 128 != micro 42 x accumulation 1 x world 3"):
+        revalidate(cfg, {"train.num_processes": 3})
+    assert resolve(load_config("demo", ["root=rel-root"])).root == (Path.cwd() / "rel-root").as_uri()
+
+
+def test_closed_choices_derive_from_their_registries():
+    assert set(get_args(ObjectiveName)) == set(HEADS_OF_OBJECTIVE)
+    assert set(get_args(AutoencoderName)) == set(AUTOENCODERS)
+    for objective, heads in HEADS_OF_OBJECTIVE.items():
+        assert load_config("demo", [f"objective.name={objective}", "objective.derivative=jvp"]).heads == heads
+    with pytest.raises(ValidationError, match="pixels"):  # the error lists the registry's names
+        load_config("demo", ["data.autoencoder=sdvae"])
+    with pytest.raises(ValidationError, match="compare.arms"):
+        load_config("demo", ["compare.arms=[dumo, dumoo]"])

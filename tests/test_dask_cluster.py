@@ -18,6 +18,7 @@ from PIL import Image
 from flows.build_latents import build_latents, dask_task_runner, task_resources
 from storage import autoencoders, latents
 from storage.images import write_digits
+from tasks.config import DataConfig
 from tests.dask_cluster import ExternalCluster
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 from tests.test_build_latents import tiny_vae_dir  # noqa: F401  (fixture)
@@ -69,17 +70,15 @@ def test_task_resources() -> None:
 
 def test_gpu_resource_and_one_autoencoder_per_worker(cluster: ExternalCluster, rgb_dir: str, tiny_vae_dir, tmp_path):  # noqa: F811
     store = str(tmp_path / "latents" / "vae.zarr")
-    summary = build_latents(
-        rgb_dir,
-        store,
+    data = DataConfig(
         autoencoder="sd-vae",
         vae=tiny_vae_dir,
         resolution=16,
         shard_size=2,
         dask_address=cluster.address,
         device="cpu",  # what device="cuda" asks for by default, on a machine without one
-        worker_resources={"GPU": 1},
     )
+    summary = build_latents(rgb_dir, store, data, worker_resources={"GPU": 1})
     assert summary["num_rows"] == 8 and summary["shards_encoded"] == 4
     records = latents.shard_records(store)
     gpu_pid = cluster.workers["gpu-0"].pid
@@ -117,9 +116,8 @@ def test_worker_killed_mid_build(cluster: ExternalCluster, tmp_path) -> None:
     killed: dict = {}
     killer = threading.Thread(target=_killer, args=(cluster, store, "cpu-0", 2, killed), daemon=True)
     killer.start()
-    state = build_latents(
-        src, store, resolution=8, shard_size=SHARD_SIZE, dask_address=cluster.address, return_state=True
-    )
+    data = DataConfig(resolution=8, shard_size=SHARD_SIZE, dask_address=cluster.address)
+    state = build_latents(src, store, data, return_state=True)
     killer.join(timeout=5)
     summary = state.result()
     assert killed, "the victim worker committed fewer than 2 shards before the build ended"

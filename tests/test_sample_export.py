@@ -102,7 +102,7 @@ def test_sample_refuses_clearly(root, tmp_path, capsys) -> None:
     vae = {"name": "sd-vae", "id": str(tmp_path / "no-vae"), "revision": "local", "weights_digest": "sha256:0"}
     attrs = {"autoencoder": vae, "image_channels": 3, "resolution": 256}
     with pytest.raises(AutoencoderUnavailable, match="place a diffusers AutoencoderKL folder there"):
-        store_autoencoder(attrs, load_config("demo"))
+        store_autoencoder(attrs, load_config("demo").data.vae)
 
 
 def test_export_load_sample_equals_sampling_the_checkpoint(root, tmp_path) -> None:
