@@ -28,10 +28,11 @@ from prefect.futures import as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
-from storage.images import BadImagePolicy, SourcePlan
 from tasks.config import DataConfig, Device
 from tasks.encode import (
+    BadImagePolicy,
     PreparedStore,
+    SourcePlan,
     encode_shard_for,
     expected_attrs,
     finalize_store,
