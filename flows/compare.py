@@ -35,12 +35,12 @@ def compare_objectives(config: str = "demo", overrides: list[str] | None = None)
         t0 = time.perf_counter()
         trained = train_run(arm["config"])
         seconds = time.perf_counter() - t0
-        record = evaluate_checkpoint_task(trained["checkpoint_url"], arm["config"].eval)
-        logger.info(f"arm {i}/{len(arms)} {arm['config'].name}: trained to step {trained['step']} in {seconds:.0f} s")
+        record = evaluate_checkpoint_task(trained.checkpoint_url, arm["config"].eval)
+        logger.info(f"arm {i}/{len(arms)} {arm['config'].name}: trained to step {trained.step} in {seconds:.0f} s")
         results.append(
             {
                 **{k: arm[k] for k in ("arm", "seed", "steps", "budget")},
-                "checkpoint_url": trained["checkpoint_url"],
+                "checkpoint_url": trained.checkpoint_url,
                 "record": record,
                 "train_seconds": round(seconds, 1),
             }

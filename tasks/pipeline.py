@@ -13,6 +13,7 @@ from storage import fs, images, metrics
 from storage.layout import Root
 from storage.train_log import loss_headline
 from tasks.config import PipelineConfig
+from tasks.train import TrainResult
 
 BUILTIN_DIGITS = "builtin:digits"
 log = logging.getLogger("dumo.pipeline")
@@ -39,15 +40,15 @@ def locate_data_task(cfg: PipelineConfig) -> dict[str, str]:
     return source_and_store(cfg)
 
 
-def _final_losses(train: dict[str, Any]) -> str:
+def _final_losses(train: TrainResult) -> str:
     """``final loss_v .. loss_u .. (weighted loss ..)``: the unweighted terms first (see loss_headline)."""
-    names = {"loss": "final_loss", "loss_v": "final_loss_v", "loss_u": "final_loss_u"}
-    return "final " + loss_headline({k: train.get(v) for k, v in names.items()})
+    losses = {"loss": train.final_loss, "loss_v": train.final_loss_v, "loss_u": train.final_loss_u}
+    return "final " + loss_headline(losses)
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
 def summarize_task(
-    cfg: PipelineConfig, build: dict[str, Any], train: dict[str, Any], record: dict[str, Any]
+    cfg: PipelineConfig, build: dict[str, Any], train: TrainResult, record: dict[str, Any]
 ) -> dict[str, Any]:
     """The run's summary, also published as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
@@ -55,19 +56,19 @@ def summarize_task(
     table = metrics.format_table(record)
     text = (
         f"## dumo run `{cfg.name}`\n\nstore `{build['store']}` ({build['num_rows']} rows); "
-        f"trained to step {train['step']} ({_final_losses(train)}, "
-        f"{train['steps_per_s']:.2f} steps/s); checkpoint `{train['checkpoint_url']}`\n\n{table}\n"
+        f"trained to step {train.step} ({_final_losses(train)}, "
+        f"{train.steps_per_s:.2f} steps/s); checkpoint `{train.checkpoint_url}`\n\n{table}\n"
     )
     key = "dumo-summary-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.name.lower())
     create_markdown_artifact(markdown=text, key=key, description=f"dumo run {cfg.name}")
     return {
         "run": cfg.name,
         "store": build["store"],
-        "checkpoint_url": train["checkpoint_url"],
-        "step": train["step"],
-        "final_loss": train["final_loss"],
-        "final_loss_v": train.get("final_loss_v"),
-        "final_loss_u": train.get("final_loss_u"),
+        "checkpoint_url": train.checkpoint_url,
+        "step": train.step,
+        "final_loss": train.final_loss,
+        "final_loss_v": train.final_loss_v,
+        "final_loss_u": train.final_loss_u,
         "eval_dir": record.get("eval_dir"),
         "loss_curve": Root(cfg.root).run(cfg.name).loss_curve,
         "metrics": record.get("samplers", {}),
