@@ -3,7 +3,7 @@
     python bench/train.py                  # CPU: debug and DuMo-B/2 at small batch, fp32, ZeRO-2
     python bench/train.py --device cuda    # B/2 and XL/2 in bf16, with model FLOP utilisation
 
-Each case builds the engine exactly as tasks.train_worker does (DeepSpeed JSON from the typed TrainConfig,
+Each case builds the engine exactly as tasks.ranks.trainer does (DeepSpeed JSON from the typed TrainConfig,
 client torch AdamW, the dumo objective with its per-step generator, EMA update after the step) on a random
 batch of the preset's latent shape, and times the same step without DeepSpeed (plain AdamW) beside it, so
 the table also shows what the engine costs. Steps are timed round-robin between the two; medians are shown.
@@ -33,7 +33,8 @@ from dumo_model.ema import EMA
 from dumo_model.info import train_step_flops
 from dumo_model.objectives import Objective, ObjectiveConfig
 from tasks.config import TrainConfig
-from tasks.train_worker import deepspeed_config, step_generator
+from tasks.ranks.distributed import deepspeed_config
+from tasks.ranks.trainer import step_generator
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
 

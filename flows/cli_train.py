@@ -62,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
 
         plain_logging()
         result = train_run(cfg, node=node)
-    print(json.dumps(result, indent=1))
+    print(json.dumps(asdict(result), indent=1))
     return 0

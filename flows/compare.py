@@ -36,9 +36,9 @@ def compare_objectives(config: str | PipelineConfig = "demo", overrides: list[st
         t0 = time.perf_counter()
         trained = train_run(arm.config)
         seconds = time.perf_counter() - t0
-        record = evaluate_checkpoint_task(trained["checkpoint_url"], arm.config.eval)
-        logger.info(f"arm {i}/{len(arms)} {arm.config.name}: trained to step {trained['step']} in {seconds:.0f} s")
-        results.append(ArmResult(arm, trained["checkpoint_url"], record, round(seconds, 1)))
+        record = evaluate_checkpoint_task(trained.checkpoint_url, arm.config.eval)
+        logger.info(f"arm {i}/{len(arms)} {arm.config.name}: trained to step {trained.step} in {seconds:.0f} s")
+        results.append(ArmResult(arm, trained.checkpoint_url, record, round(seconds, 1)))
     written = publish_comparison_task(cfg, arms, results)
     logger.info(f"comparison in {written['dir']}; best 1-step class accuracy: {written['winner']}\n{written['table']}")
     return written

@@ -56,7 +56,7 @@ def full_pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | 
     build = build_store(cfg)
     train = train_run(cfg, on_checkpoint=inline_evaluator(cfg))
     publish_loss_curve(cfg)
-    record = evaluate_checkpoint_task(train["checkpoint_url"], cfg.eval)
+    record = evaluate_checkpoint_task(train.checkpoint_url, cfg.eval)
     summary = summarize_task(cfg, build, train, record)
     logger.info(f"run {cfg.name} done: results table, sample grid and loss curve in this flow run's artifacts")
     return summary

@@ -11,16 +11,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tasks.config import PipelineConfig, config_of
-from tasks.train import NodeLaunch, train_task
+from tasks.train import NodeLaunch, TrainResult, train_task
 
 
 @flow(name="train")
 def train_flow(
     config: str | PipelineConfig = "demo", overrides: list[str] | None = None, node: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train the run that ``config`` (a preset in configs/ or a YAML path, or the config the caller parsed
-    already) with ``overrides`` (``key=value``, e.g. ``train.num_steps=1000``) describes. Returns run_url,
-    checkpoint_url, step, final_loss, steps_per_s.
+    already) with ``overrides`` (``key=value``, e.g. ``train.num_steps=1000``) describes. Returns where the run
+    got to (TrainResult).
     ``node``: NodeLaunch's fields when this is node 0's launcher of a multi-node job (flows/train_nodes.py
     drives a whole multi-node job)."""
     cfg = config_of(config, overrides)  # validation errors surface here, before any process starts

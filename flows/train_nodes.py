@@ -9,12 +9,11 @@ flow can run anywhere that reaches the root (and the Prefect API), not on the tr
 from __future__ import annotations
 
 import tempfile
-from typing import Any
 
 from prefect import flow, get_run_logger
 
 from tasks.config import load_config
-from tasks.train import NodeLaunch, free_port, preflight, resolve
+from tasks.train import NodeLaunch, TrainResult, free_port, preflight, resolve
 from tasks.train_nodes import follow_run, start_local_nodes, stop_local_nodes, submit_job
 
 
@@ -28,7 +27,7 @@ def train_nodes_flow(
     master_port: int | None = None,
     timeout_s: float = 7 * 86400,
     poll_s: float = 5.0,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train ``config`` (a preset or YAML path the nodes can read too) with ``overrides`` on ``nnodes`` nodes.
 
     Args:
@@ -36,7 +35,7 @@ def train_nodes_flow(
             command that submits the job to the cluster's scheduler, formatted with ``{nnodes}``,
             ``{master_addr}``, ``{master_port}``, ``{config}`` and ``{run}`` (docs/scaling.md has examples).
         timeout_s, poll_s: how long to follow the run, and how often to look at its checkpoints.
-    Returns run_url, checkpoint_url and step of the last committed checkpoint.
+    Returns the run's result (its last committed checkpoint, the last losses of its train log).
     """
     logger = get_run_logger()
     port = master_port or free_port()
@@ -46,7 +45,7 @@ def train_nodes_flow(
     facts = preflight(cfg, node0)  # a bad config fails here, before any node starts
     logger.info(
         f"run {cfg.name}: {nnodes} nodes x {cfg.train.num_processes} processes, to step {cfg.train.num_steps}"
-        f" (resume step {facts['resume_step']}), rendezvous {master_addr}:{port}"
+        f" (resume step {facts.resume_step}), rendezvous {master_addr}:{port}"
     )
     if submit is not None:
         fields = {"nnodes": nnodes, "master_addr": master_addr, "master_port": port, "config": config, "run": cfg.name}

@@ -23,7 +23,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -238,6 +238,56 @@ def read_config_yaml(ckpt_url: str) -> str:
 
 def trainer_state_url(ckpt_url: str) -> str:
     return fs.join(ckpt_url, TRAINER_DIR)
+
+
+def read_model_config(ckpt_url: str) -> dict[str, Any]:
+    """The network a checkpoint holds, as its ``model.json`` records it."""
+    return json.loads(fs.read_text(fs.join(ckpt_url, MODEL_FILE)))
+
+
+class TrainerSettings(Protocol):
+    """What a resume depends on of the train config (the project's TrainConfig has these)."""
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def zero_stage(self) -> int: ...
+
+    @property
+    def precision(self) -> str: ...
+
+
+def check_resumable(
+    state: dict[str, Any], train: TrainerSettings, model: dict[str, Any], saved_model: dict[str, Any], url: str
+) -> bool:
+    """Whether a run can continue from the checkpoint at ``url``, whose marker records the trainer ``state``
+    and whose network is ``saved_model``: raise ValueError, in words, when it cannot continue as ``model``
+    under ``train``; return True when its DeepSpeed state needs the universal format (ZeRO 1/2 at another
+    world size), else False. The one resume check: the parent runs it before starting any process, the
+    ranks again on the checkpoint they chose."""
+    if saved_model != model:
+        diff = sorted(k for k in set(model) | set(saved_model) if model.get(k) != saved_model.get(k))
+        raise ValueError(
+            f"{url} holds another network (differs in {diff}): this run cannot continue from it. Use a new run"
+            " name (--set name=NEW) or delete the run's directory to start it again"
+        )
+    for key in ("zero_stage", "precision"):
+        if state.get(key) != getattr(train, key):
+            raise ValueError(
+                f"{url} was written with {key}={state.get(key)}, this run has {key}="
+                f"{getattr(train, key)}: DeepSpeed state does not carry over; keep it or use a new run"
+            )
+    was, now = state.get("world_size"), train.world_size
+    if was == now or train.zero_stage == 0:  # ZeRO-0 keeps the whole optimizer state in one file
+        return False
+    if train.zero_stage == 3:
+        raise ValueError(
+            f"{url} was written by {was} ranks with ZeRO-3 and this run has {now}: ZeRO-3 state cannot be"
+            f" re-partitioned (it would load wrong weights). Run with {was} ranks; to take the weights"
+            " elsewhere, tasks.ranks.distributed.consolidated_weights(url) gathers them into one fp32 state dict"
+        )
+    return True
 
 
 def retention(steps: list[int], keep_last: int, keep_every: int | None) -> list[int]:

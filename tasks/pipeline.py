@@ -15,6 +15,7 @@ from storage.layout import Root
 from storage.train_log import loss_headline
 from tasks.config import DataConfig, PipelineConfig
 from tasks.evaluate import EvalRecord
+from tasks.train import TrainResult
 
 BUILTIN_DIGITS = "builtin:digits"
 log = logging.getLogger("dumo.pipeline")
@@ -49,15 +50,15 @@ def locate_data_task(root_url: str, data: DataConfig) -> DataLocation:
     return source_and_store(root_url, data)
 
 
-def _final_losses(train: dict[str, Any]) -> str:
+def _final_losses(train: TrainResult) -> str:
     """``final loss_v .. loss_u .. (weighted loss ..)``: the unweighted terms first (see loss_headline)."""
-    names = {"loss": "final_loss", "loss_v": "final_loss_v", "loss_u": "final_loss_u"}
-    return "final " + loss_headline({k: train.get(v) for k, v in names.items()})
+    losses = {"loss": train.final_loss, "loss_v": train.final_loss_v, "loss_u": train.final_loss_u}
+    return "final " + loss_headline(losses)
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
 def summarize_task(
-    cfg: PipelineConfig, build: dict[str, Any], train: dict[str, Any], record: EvalRecord
+    cfg: PipelineConfig, build: dict[str, Any], train: TrainResult, record: EvalRecord
 ) -> dict[str, Any]:
     """The run's summary, also published as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
@@ -65,19 +66,19 @@ def summarize_task(
     table = metrics.format_table(record.to_json())
     text = (
         f"## dumo run `{cfg.name}`\n\nstore `{build['store']}` ({build['num_rows']} rows); "
-        f"trained to step {train['step']} ({_final_losses(train)}, "
-        f"{train['steps_per_s']:.2f} steps/s); checkpoint `{train['checkpoint_url']}`\n\n{table}\n"
+        f"trained to step {train.step} ({_final_losses(train)}, "
+        f"{train.steps_per_s:.2f} steps/s); checkpoint `{train.checkpoint_url}`\n\n{table}\n"
     )
     key = "dumo-summary-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.name.lower())
     create_markdown_artifact(markdown=text, key=key, description=f"dumo run {cfg.name}")
     return {
         "run": cfg.name,
         "store": build["store"],
-        "checkpoint_url": train["checkpoint_url"],
-        "step": train["step"],
-        "final_loss": train["final_loss"],
-        "final_loss_v": train.get("final_loss_v"),
-        "final_loss_u": train.get("final_loss_u"),
+        "checkpoint_url": train.checkpoint_url,
+        "step": train.step,
+        "final_loss": train.final_loss,
+        "final_loss_v": train.final_loss_v,
+        "final_loss_u": train.final_loss_u,
         "eval_dir": record.eval_dir,
         "loss_curve": Root(cfg.root).run(cfg.name).loss_curve,
         "metrics": record.to_json()["samplers"],

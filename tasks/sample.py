@@ -33,7 +33,7 @@ def load_checkpoint_model(url: str, weights: Weights = "ema", device: str | torc
     model_cfg, ema = checkpoints.load_weights(url)  # raises FileNotFoundError when not committed
     model = model_from_dict(model_cfg)
     if weights == "raw":
-        from tasks.train_worker import consolidated_weights
+        from tasks.ranks.distributed import consolidated_weights
 
         if "trainer" not in checkpoints.read_marker(url):
             raise ValueError(f"{url} holds no DeepSpeed state (no raw weights): use the EMA weights")

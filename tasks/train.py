@@ -1,7 +1,7 @@
-"""The train task: check the config, launch the ranks of ``tasks.train_worker`` as processes, follow them.
+"""The train task: check the config, launch the rank processes (``python -m tasks.ranks``), follow them.
 
-    train_run(cfg, on_checkpoint=None) -> {"run_url", "checkpoint_url", "step", "final_loss", "final_loss_v",
-                                           "final_loss_u", "steps_per_s"}
+    train_run(cfg, on_checkpoint=None) -> TrainResult(run_url, checkpoint_url, step, final_loss, final_loss_v,
+                                                      final_loss_u, steps_per_s)
 
 Launchers (``train.launcher``; ``auto`` picks by size): ``inline`` one process with RANK/WORLD_SIZE/...
 set, no launcher; ``torchrun`` N processes on this machine, or on each node of a multi-node job when
@@ -9,13 +9,15 @@ set, no launcher; ``torchrun`` N processes on this machine, or on each node of a
 PyTorchJob starts them; torchrun's static rendezvous at the master address); ``deepspeed`` the deepspeed
 launcher (hosts from ``train.hostfile``, reached by ssh/pdsh). Every check that can fail
 runs before any process starts. Running the same config again resumes from the newest committed checkpoint.
-After each commit, ``on_checkpoint(url, step)`` is called and, when a Prefect API is reachable, the event
+
+The ranks' output is logged as it comes; what the run did is read from storage, where the ranks write it:
+checkpoints from their commit markers (``CommitWatcher``), losses from the train log. After each commit,
+``on_checkpoint(url, step)`` is called and, when a Prefect API is reachable, the event
 ``dumo.checkpoint.saved`` is emitted. Prefect is imported inside functions: ``train_run`` needs no server.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -29,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +41,12 @@ from prefect.cache_policies import NO_CACHE
 from storage import checkpoints as ckpts
 from storage import fs, latents
 from storage.layout import Root, RunLayout
+from storage.train_log import read_train_log
 from tasks.config import PipelineConfig, resolve
-from tasks.modeling import dit_config, resume_config
+from tasks.modeling import dit_config
 from tasks.progress import PROGRESS_EVERY_S
+from tasks.ranks.trainer import resume_check
 from tasks.run_context import in_prefect_run, run_logger
-from tasks.train_worker import CHECKPOINT_LINE, DONE_LINE, check_resumable
 
 EVENT = "dumo.checkpoint.saved"
 STEP_LINE = re.compile(r"step (\d+)/(\d+) ")  # a rank's progress line; all of them are in train-log.jsonl
@@ -73,7 +76,42 @@ class NodeLaunch:
         return [f"train.num_nodes={self.nnodes}", "train.launcher=torchrun"]
 
 
-def preflight(cfg: PipelineConfig, node: NodeLaunch | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run got to, read from its storage: the newest committed checkpoint and the last train-log
+    record. ``steps_per_s``: this attempt's speed (0.0 when it had nothing to do, None when unknown)."""
+
+    run_url: str
+    checkpoint_url: str | None
+    step: int | None
+    final_loss: float | None  # weighted, as optimised (near-constant under adaptive weighting)
+    final_loss_v: float | None  # unweighted: the figures that show learning
+    final_loss_u: float | None
+    steps_per_s: float | None
+
+    @classmethod
+    def of_run(cls, run: RunLayout, steps_per_s: float | None = None) -> TrainResult:
+        """The run's state in storage; ``steps_per_s`` None: this attempt's speed, as the newest checkpoint's
+        marker records it."""
+        step = ckpts.latest(run)
+        url = None if step is None else run.checkpoint(step)
+        if url is not None and steps_per_s is None:
+            steps_per_s = ckpts.read_marker(url).get("attempt", {}).get("steps_per_s")
+        log = read_train_log(run)
+        last = log[-1] if log else {}
+        return cls(run.url, url, step, last.get("loss"), last.get("loss_v"), last.get("loss_u"), steps_per_s)
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks before launch found."""
+
+    store_url: str
+    num_samples: int
+    resume_step: int | None  # the newest committed checkpoint (the ranks still check its digests)
+
+
+def preflight(cfg: PipelineConfig, node: NodeLaunch | None = None) -> Preflight:
     """Everything that can be checked before a process starts; raises ValueError (or StoreError) in words."""
     t = cfg.train
     store_url = Root(cfg.root).latent_store(cfg.data.store_name)
@@ -107,15 +145,11 @@ def preflight(cfg: PipelineConfig, node: NodeLaunch | None = None) -> dict[str, 
         raise ValueError(f"launcher inline runs 1 process; world size is {t.world_size}: use torchrun or auto")
     run = Root(cfg.root).run(cfg.name)
     step = ckpts.latest(run)
-    if step is not None:  # the worker checks again; failing here saves starting N processes for nothing
-        url = run.checkpoint(step)
-        state = ckpts.read_marker(url).get("trainer", {})
-        saved_model = json.loads(fs.read_text(fs.join(url, ckpts.MODEL_FILE)))
-        model, saved_model = resume_config(cfg, model, saved_model)
-        check_resumable(state, t, asdict(model), saved_model, url)
+    if step is not None:  # the ranks check again; failing here saves starting N processes for nothing
+        resume_check(cfg, model, run.checkpoint(step))
     elif cfg.model.init_from and not fs.exists(cfg.model.init_from):
         raise FileNotFoundError(f"model.init_from: no file at {cfg.model.init_from} (a DiT/SiT .pt or .safetensors)")
-    return {"store_url": store_url, "num_samples": num_samples, "resume_step": step}
+    return Preflight(store_url, num_samples, step)
 
 
 def free_port() -> int:
@@ -129,7 +163,7 @@ def launch_command(
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) of the launcher for ``cfg`` (on this node of ``node``'s job)."""
     t = cfg.train
-    worker = ["-m", "tasks.train_worker", cfg.root, cfg.name]
+    worker = ["-m", "tasks.ranks", cfg.root, cfg.name]
     if node is not None:  # torchrun's static rendezvous: global ranks in node-rank order, rank 0 on node 0
         argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(node.nnodes)]
         argv += ["--node_rank", str(node.node_rank), "--nproc_per_node", str(t.num_processes)]
@@ -144,7 +178,7 @@ def launch_command(
         argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node"]
         return [*argv, str(t.num_processes), "--master_addr", "127.0.0.1", "--master_port", str(port), *worker], {}
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(t.num_processes)]
-    argv += ["--master_port", str(port), "--no_local_rank"]  # the worker reads LOCAL_RANK from the environment
+    argv += ["--master_port", str(port), "--no_local_rank"]  # the ranks read LOCAL_RANK from the environment
     if t.num_nodes > 1:
         argv += ["--hostfile", str(t.hostfile), "--num_nodes", str(t.num_nodes)]
     env = {"DS_ENV_FILE": env_file} if env_file else {}
@@ -161,6 +195,63 @@ def emit_checkpoint_event(run_name: str, url: str, step: int) -> None:
 
     resource = {"prefect.resource.id": f"dumo.run.{run_name}", "prefect.resource.name": run_name}
     emit_event(event=EVENT, resource=resource, payload={"checkpoint_url": url, "step": step})
+
+
+def announce_checkpoint(
+    run_name: str, url: str, step: int, log: Any, on_checkpoint: Callable[[str, int], None] | None = None
+) -> None:
+    """A commit seen: log it, call ``on_checkpoint``, emit ``dumo.checkpoint.saved`` where Prefect listens."""
+    log.info(f"checkpoint committed: step {step} at {url}")
+    if on_checkpoint is not None:
+        on_checkpoint(url, step)
+    if _prefect_api_reachable():
+        try:
+            emit_checkpoint_event(run_name, url, step)
+        except Exception as exc:  # an event lost must not kill a training run
+            log.warning(f"could not emit {EVENT} for step {step}: {type(exc).__name__}: {exc}")
+
+
+class CommitWatcher:
+    """The checkpoints a run commits from now on, read where the ranks write them (the markers, written
+    last): each commit once, in step order. Steps committed before the watch began count again when written
+    anew (a corrupt checkpoint passed over at resume, then redone); that can only happen until the run commits
+    past the newest of them, so only until then are their markers read. A checkpoint deleted by retention
+    before a look found it is not reported (nothing could load it any more)."""
+
+    def __init__(self, run: RunLayout, every_s: float | None = None):
+        self.run = run
+        self.every_s = every_s if every_s is not None else 0.1 if fs.is_local(run.url) else 2.0
+        self.before = {s: self._marker(s) for s in ckpts.committed_steps(run)}
+        self.reported: set[int] = set()
+        self.looked_at = float("-inf")
+
+    def _marker(self, step: int) -> dict[str, Any] | None:
+        try:
+            return ckpts.read_marker(self.run.checkpoint(step))
+        except FileNotFoundError:  # being replaced, or removed by retention, right now
+            return None
+
+    def new(self) -> list[int]:
+        """Steps committed since the last look."""
+        self.looked_at = time.monotonic()
+        past_before = any(s > max(self.before) for s in self.reported) if self.before else True
+        found = []
+        for step in ckpts.committed_steps(self.run):
+            if step in self.reported:
+                continue
+            if step in self.before:
+                if past_before:
+                    continue
+                marker = self._marker(step)
+                if marker is None or marker == self.before[step]:
+                    continue
+            found.append(step)
+            self.reported.add(step)
+        return found
+
+    def due(self) -> list[int]:
+        """``new()`` when ``every_s`` has passed since the last look, else nothing (costs no request)."""
+        return self.new() if time.monotonic() - self.looked_at >= self.every_s else []
 
 
 def _pump(stream: Any, name: str, out: queue.Queue) -> None:
@@ -190,10 +281,10 @@ def _failure(code: int, err_dir: str, tail: deque) -> RuntimeError:
 
 def train_run(
     cfg: PipelineConfig, on_checkpoint: Callable[[str, int], None] | None = None, node: NodeLaunch | None = None
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train ``cfg`` (resuming from its newest committed checkpoint) and return where it got to. With
-    ``node``, this is one node's launcher of a multi-node job; every node returns when the job ends (rank 0,
-    on node 0, reports the loss and speed; the other nodes return the run's newest checkpoint)."""
+    ``node``, this is one node's launcher of a multi-node job; every node returns when the job ends, with the
+    run's state as storage holds it."""
     log = run_logger("dumo.train")
     cfg = resolve(cfg)
     facts = preflight(cfg, node)
@@ -202,22 +293,17 @@ def train_run(
     t = cfg.train
     log.info(
         f"run {run.url}: {t.num_steps} steps, {t.world_size} ranks, ZeRO-{t.zero_stage}, {t.precision},"
-        f" store {facts['store_url']} ({facts['num_samples']} samples), resume step {facts['resume_step']}"
+        f" store {facts.store_url} ({facts.num_samples} samples), resume step {facts.resume_step}"
     )
+    if facts.resume_step is not None and facts.resume_step >= t.num_steps:
+        log.info(f"nothing to do: the run is at step {facts.resume_step} >= train.num_steps {t.num_steps}")
+        return TrainResult.of_run(run, steps_per_s=0.0)
     tmp = tempfile.mkdtemp(prefix="dumo-train-")
     try:
-        done = _launch(cfg, tmp, on_checkpoint, log, node)
+        _launch(cfg, tmp, on_checkpoint, log, node)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "run_url": run.url,
-        "checkpoint_url": done["checkpoint_url"],
-        "step": done["step"],
-        "final_loss": done["final_loss"],  # weighted, as optimised (near-constant under adaptive weighting)
-        "final_loss_v": done.get("final_loss_v"),  # unweighted: the figures that show learning
-        "final_loss_u": done.get("final_loss_u"),
-        "steps_per_s": done["steps_per_s"],
-    }
+    return TrainResult.of_run(run)
 
 
 def _launch(
@@ -226,8 +312,9 @@ def _launch(
     on_checkpoint: Callable[[str, int], None] | None,
     log: Any,
     node: NodeLaunch | None = None,
-) -> dict:
-    """Start the launcher in a process group of its own, follow its output, return the DUMO_DONE record."""
+) -> None:
+    """Start the launcher in a process group of its own, log its output, announce each checkpoint it commits,
+    and raise with the failing rank's traceback if it fails."""
     t = cfg.train
     err_dir = os.path.join(tmp, "errors")
     env = dict(os.environ)
@@ -245,6 +332,14 @@ def _launch(
             f.writelines(f"{k}={v}\n" for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES))
     argv, extra = launch_command(cfg, free_port(), env_file, node)
     env.update(extra)
+    run = Root(cfg.root).run(cfg.name)
+    commits = CommitWatcher(run)  # before the ranks start: every commit of theirs is new to it
+    hosts_rank_0 = node is None or node.node_rank == 0  # one launcher of a job announces its commits
+
+    def announce(steps: list[int]) -> None:
+        for step in steps if hosts_rank_0 else []:
+            announce_checkpoint(cfg.name, run.checkpoint(step), step, log, on_checkpoint)
+
     log.info("launching: " + " ".join(argv))
     proc = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, start_new_session=True
@@ -253,36 +348,27 @@ def _launch(
     for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
         threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
     tail: deque = deque(maxlen=60)
-    done: dict[str, Any] | None = None
     last_step_line = float("-inf")
     try:
         open_streams = 2
         while open_streams:
-            name, line = lines.get()
+            announce(commits.due())
+            try:
+                _, line = lines.get(timeout=commits.every_s)
+            except queue.Empty:
+                continue
             if line is None:
                 open_streams -= 1
                 continue
             tail.append(line)
-            if name == "stdout" and line.startswith(CHECKPOINT_LINE):
-                record = json.loads(line[len(CHECKPOINT_LINE) :])
-                url, step = record["url"], int(record["step"])
-                log.info(f"checkpoint committed: step {step} at {url}")
-                if on_checkpoint is not None:
-                    on_checkpoint(url, step)
-                if _prefect_api_reachable():
-                    try:
-                        emit_checkpoint_event(cfg.name, url, step)
-                    except Exception as exc:  # an event lost must not kill a training run
-                        log.warning(f"could not emit {EVENT} for step {step}: {type(exc).__name__}: {exc}")
-            elif name == "stdout" and line.startswith(DONE_LINE):
-                done = json.loads(line[len(DONE_LINE) :])
-            elif (m := STEP_LINE.match(line)) and m[1] != m[2]:  # every train.log_every steps: thinned by time
+            if (m := STEP_LINE.match(line)) and m[1] != m[2]:  # every train.log_every steps: thinned by time
                 if time.monotonic() - last_step_line >= PROGRESS_EVERY_S:
                     last_step_line = time.monotonic()
                     log.info(line)
             else:
                 log.info(line)
         code = proc.wait()
+        announce(commits.new())  # those committed since the last look
     finally:
         if proc.poll() is None:  # the parent failed or was interrupted: take the ranks down with it
             os.killpg(proc.pid, signal.SIGTERM)
@@ -293,17 +379,16 @@ def _launch(
                 proc.wait()
     if code != 0:
         raise _failure(code, err_dir, tail)
-    if done is None and node is not None and node.node_rank > 0:  # rank 0 reports, on node 0
-        latest = ckpts.latest(Root(cfg.root).run(cfg.name))
-        url = None if latest is None else Root(cfg.root).run(cfg.name).checkpoint(latest)
-        return {"step": latest, "final_loss": None, "steps_per_s": None, "checkpoint_url": url}
-    if done is None:
-        raise RuntimeError("the ranks exited without a DUMO_DONE line; last output:\n" + "\n".join(tail))
-    return done
+    latest = ckpts.latest(run)  # every rank returns after the last commit (tasks.ranks.distributed.save)
+    if latest is None or latest < t.num_steps:
+        raise RuntimeError(
+            f"the ranks exited without committing step {t.num_steps} (newest checkpoint: {latest}); last output:\n"
+            + "\n".join(tail)
+        )
 
 
 @task(name="train", retries=0, cache_policy=NO_CACHE)
-def train_task(cfg: PipelineConfig, node: NodeLaunch | None = None) -> dict[str, Any]:
+def train_task(cfg: PipelineConfig, node: NodeLaunch | None = None) -> TrainResult:
     """Prefect task over ``train_run``. No retries: training resumes by itself when run again. The loss curve
     is published as an artifact the UI shows."""
     result = train_run(cfg, node=node)

@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from storage import checkpoints as ckpts
 from storage.layout import Root
 from tasks.config import PipelineConfig
-from tasks.train import EVENT, PROJECT_DIR, NodeLaunch, emit_checkpoint_event
+from tasks.train import PROJECT_DIR, CommitWatcher, NodeLaunch, TrainResult, announce_checkpoint
 
 DUMO = os.path.join(os.path.dirname(sys.executable), "dumo")  # the console script of this environment
 
@@ -97,21 +97,16 @@ def follow_run(
     log_dir: str | None = None,
     timeout_s: float = 7 * 86400,
     poll_s: float = 5.0,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Wait until the run's checkpoint of ``train.num_steps`` is committed, emitting ``dumo.checkpoint.saved``
     for each commit seen on the way. ``procs``: launchers this flow started; one that fails ends the wait."""
     logger = get_run_logger()
     run = Root(cfg.root).run(cfg.name)
-    seen = set(ckpts.committed_steps(run))
+    commits = CommitWatcher(run, every_s=poll_s)
     deadline = time.monotonic() + timeout_s
     while True:
-        for step in sorted(set(ckpts.committed_steps(run)) - seen):
-            seen.add(step)
-            logger.info(f"checkpoint committed: step {step} at {run.checkpoint(step)}")
-            try:
-                emit_checkpoint_event(cfg.name, run.checkpoint(step), step)
-            except Exception as exc:  # an event lost must not fail the job it reports on
-                logger.warning(f"could not emit {EVENT} for step {step}: {type(exc).__name__}: {exc}")
+        for step in commits.new():
+            announce_checkpoint(cfg.name, run.checkpoint(step), step, logger)
         latest = ckpts.latest(run)
         if latest is not None and latest >= cfg.train.num_steps:
             break
@@ -133,4 +128,4 @@ def follow_run(
     for proc in procs or []:  # the checkpoint of the last step is committed: the launchers are finishing
         proc.wait(timeout=120)
     logger.info(f"run {run.url}: step {latest} committed")
-    return {"run_url": run.url, "checkpoint_url": run.checkpoint(latest), "step": latest}
+    return TrainResult.of_run(run)

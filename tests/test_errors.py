@@ -24,7 +24,7 @@ from storage.checkpoints import CheckpointCorruptError
 from storage.errors import S3SetupError, is_transient
 from storage.images import BadImageError
 from storage.latents import StoreCorruptError, StoreError
-from tasks.train_worker import NonFiniteLossError
+from tasks.ranks.trainer import NonFiniteLossError
 
 PACKAGES = ("storage", "tasks", "flows", "dumo_model")
 EXAMPLES: dict[type, BaseException] = {

@@ -67,7 +67,7 @@ def _arrays_equal(a: str, b: str) -> int:
 def _worker(run_name: str) -> psutil.Process | None:
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "tasks.train_worker" in cmd and run_name in cmd:
+        if "tasks.ranks" in cmd and run_name in cmd:
             return p
     return None
 
@@ -121,7 +121,7 @@ def test_encode_and_a_killed_training_run_survive_15_percent_s3_faults(
         caplog.clear()
         result = train_run(cfg)  # resumes from step 2, through the same faults
         stages.append("train (killed, resumed)")
-        assert "resuming at step 2 from" in caplog.text and result["step"] == 6
+        assert "resuming at step 2 from" in caplog.text and result.step == 6
         assert ckpts.committed_steps(run) == [2, 4, 6] and all(ckpts.verify(run.checkpoint(s)) == [] for s in (2, 4, 6))
         faults = dict(proxy.counts)
         requests = proxy.requests

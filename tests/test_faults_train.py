@@ -60,7 +60,7 @@ def test_a_flipped_trainer_file_is_passed_over_for_the_newest_intact_checkpoint(
     result = train_run(one_rank(root, "flip", "train.num_steps=6", *steps))
     assert "checkpoint step 4" in caplog.text and "is corrupt (trainer/mp_rank_00_model_states.pt" in caplog.text
     assert "resuming at step 2 from" in caplog.text
-    assert result["step"] == 6 and ckpts.committed_steps(run) == [2, 4, 6]
+    assert result.step == 6 and ckpts.committed_steps(run) == [2, 4, 6]
     assert ckpts.verify(run.checkpoint(4)) == []  # step 4 was written again, whole
     after = losses(root, "flip")
     for step in (3, 4):  # redone from step 2: exactly what the unbroken run computed

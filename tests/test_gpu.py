@@ -202,7 +202,7 @@ def ds_env(port: int) -> dict[str, str]:
 
 @pytest.mark.parametrize("derivative", ["jvp", "finite_difference"])
 def test_deepspeed_zero2_bf16_engine_step_on_cuda(derivative):
-    """One rank, NCCL, the engine configured as the trainer configures it (tasks.train_worker's JSON from
+    """One rank, NCCL, the engine configured as the trainer configures it (tasks.ranks.distributed's JSON from
     a TrainConfig with device cuda, bf16, ZeRO-2; client torch AdamW): two steps, finite losses, bf16
     weights that moved, and the EMA (float32) following them."""
     rec = _run_python(
@@ -210,7 +210,8 @@ def test_deepspeed_zero2_bf16_engine_step_on_cuda(derivative):
         import json, torch, deepspeed
         from dumo_model import EMA, Objective, ObjectiveConfig, build_model
         from tasks.config import TrainConfig
-        from tasks.train_worker import deepspeed_config, step_generator
+        from tasks.ranks.distributed import deepspeed_config
+        from tasks.ranks.trainer import step_generator
         dev = {DEV!r}
         deepspeed.init_distributed(dist_backend="nccl" if dev == "cuda" else "gloo")
         if dev == "cuda":
@@ -256,7 +257,7 @@ def test_deepspeed_zero2_bf16_engine_step_on_cuda(derivative):
 
 
 def test_trainer_process_trains_on_cuda_and_writes_a_checkpoint(tmp_path):
-    """The real worker (python -m tasks.train_worker) with train.device cuda, bf16, ZeRO-2 on a synthetic
+    """The real worker (python -m tasks.ranks) with train.device cuda, bf16, ZeRO-2 on a synthetic
     latent store: it finishes its steps, logs finite losses and commits a checkpoint whose EMA weights
     load back into the network."""
     from storage import checkpoints as ckpts
@@ -295,7 +296,7 @@ def test_trainer_process_trains_on_cuda_and_writes_a_checkpoint(tmp_path):
     }
     env["DUMO_STAGING_DIR"] = str(tmp_path / "staging")
     done = subprocess.run(
-        [sys.executable, "-m", "tasks.train_worker", root, "gpu"],
+        [sys.executable, "-m", "tasks.ranks", root, "gpu"],
         cwd=REPO,
         env=env,
         capture_output=True,

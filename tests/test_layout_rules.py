@@ -51,8 +51,19 @@ def test_model_library_has_no_device_orchestration_or_storage_code():
 
 
 def test_the_rank_entry_point_imports_no_prefect():
-    assert "prefect" not in imports_of(ROOT / "tasks" / "train_worker.py")
-    assert "prefect" not in imports_of(ROOT / "tasks" / "config.py")
+    """tasks/ranks/ (what each rank process runs) and every module of tasks/ it imports, followed through."""
+    todo, seen = sorted((ROOT / "tasks" / "ranks").glob("*.py")), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        assert "prefect" not in imports_of(path), path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("tasks."):
+                target = ROOT.joinpath(*node.module.split("."))
+                todo.append(target.with_suffix(".py") if target.with_suffix(".py").exists() else target / "__init__.py")
+    assert {ROOT / "tasks" / "ranks" / "__main__.py", ROOT / "tasks" / "config.py"} <= seen
 
 
 def test_the_checker_sees_a_violation(tmp_path):

@@ -74,13 +74,13 @@ def test_two_nodes_then_resume_on_one(prefect_harness, tmp_path, monkeypatch) ->
 
     result = train_nodes_flow(config=str(path), nnodes=2, timeout_s=600, poll_s=0.5)
     run = Root(root).run("nodes")
-    assert result["step"] == 4 and result["checkpoint_url"] == run.checkpoint(4)
+    assert result.step == 4 and result.checkpoint_url == run.checkpoint(4)
     assert ckpts.committed_steps(run) == [2, 4]
     assert ckpts.read_marker(run.checkpoint(4))["trainer"]["world_size"] == 2
 
     # the same run resumed on one node, one process: step 4 onwards
     resumed = train_run(config(root, "nodes", *common, "train.num_steps=6"))
-    assert resumed["step"] == 6
+    assert resumed.step == 6
     log = read_train_log(run)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert [r["world_size"] for r in log] == [2, 2, 2, 2, 1, 1]

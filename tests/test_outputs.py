@@ -81,19 +81,19 @@ def test_stock_zero_to_fp32_consolidates_a_checkpoint_without_tag(
 ) -> None:
     import logging
 
+    from tasks.ranks.distributed import deepspeed_config
     from tasks.train import train_run
-    from tasks.train_worker import deepspeed_config
 
     monkeypatch.setenv("DUMO_STAGING_DIR", str(tmp_path / "staging"))
     monkeypatch.delenv("DUMO_NO_PROGRESS", raising=False)  # as a user has it: the parent turns the bar off
     caplog.set_level(logging.INFO, logger="dumo.train")
     cfg = config(tiny_root, "z2-stock", "train.num_steps=2", "train.checkpoint_every=2", "train.ema_decay=0")
     result = train_run(cfg)  # ZeRO-2, one rank; EMA decay 0: the EMA is the weights
-    url = result["checkpoint_url"]
+    url = result.checkpoint_url
     # No progress bar drawn into the parent's pipe (each refresh was a log line); the headline loss is unweighted
     assert "step/s]" not in caplog.text and "%|" not in caplog.text
     assert "training done at step 2: loss_v " in caplog.text and "(weighted loss " in caplog.text
-    assert result["final_loss_v"] > 0 and result["final_loss_u"] > 0
+    assert result.final_loss_v > 0 and result.final_loss_u > 0
     ckpt_dir = fs.local_path(url)
     assert Path(ckpt_dir, "latest").read_text() == ckpts.TRAINER_DIR
     files = ckpts.read_marker(url)["files"]

@@ -12,7 +12,7 @@ from PIL import Image
 from storage.layout import Root
 from storage.train_log import loss_headline
 from tasks.progress import Progress
-from tasks.train_worker import plot_loss_curve
+from tasks.ranks.report import plot_loss_curve
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -20,12 +20,12 @@ from dumo_model.dit import sincos_pos_embed_2d
 from flows.cli import main as cli
 from storage import checkpoints, fs, metrics
 from storage.autoencoders import AutoencoderUnavailable
+from storage.checkpoints import check_resumable
 from storage.layout import Root
 from tasks.config import load_config
 from tasks.export import export_checkpoint
 from tasks.modeling import config_dict, resume_config
 from tasks.sample import SampleRequest, load_checkpoint_model, sample_checkpoint, store_autoencoder
-from tasks.train_worker import check_resumable
 from tests.test_pretrained import RefDiT
 from tests.test_train import build_tiny_store, config
 
@@ -178,7 +178,7 @@ def test_a_run_started_from_a_sit_file_trains_samples_and_exports(root, tmp_path
     sets += [f"model.init_from={tmp_path / 'SiT-tiny-8x8.pt'}", "model.time_scale=1", "train.lr=1e-12"]
     sets += ["train.num_steps=2", "train.checkpoint_every=2", "train.zero_stage=2"]
     result = train_run(config(root, "from-sit", *sets))
-    url = result["checkpoint_url"]
+    url = result.checkpoint_url
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(6, 1, 8, 8, generator=gen), torch.rand(6, generator=gen)
     y = torch.arange(6)

@@ -33,8 +33,9 @@ from storage.layout import Root
 from storage.train_log import read_train_log
 from tasks import train as train_mod
 from tasks.config import load_config
+from tasks.ranks.distributed import consolidated_weights, deepspeed_config
+from tasks.ranks.trainer import step_generator
 from tasks.train import launch_command, train_run
-from tasks.train_worker import check_resumable, consolidated_weights, deepspeed_config, step_generator
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
 from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 
@@ -126,18 +127,18 @@ def test_deepspeed_json_comes_from_the_typed_config(store_root):
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
     assert "optimizer" not in ds  # the client torch.optim.AdamW: no DeepSpeed op to build
     argv, env = launch_command(config(store_root, "x"), 29500)
-    assert argv[1:3] == ["-m", "tasks.train_worker"] and env["WORLD_SIZE"] == "1"  # inline, no launcher
+    assert argv[1:3] == ["-m", "tasks.ranks"] and env["WORLD_SIZE"] == "1"  # inline, no launcher
     argv, _ = launch_command(cfg, 29500)
     assert "torch.distributed.run" in argv and argv[argv.index("--nproc_per_node") + 1] == "2"
     nodes = config(store_root, "x", "train.num_nodes=2", "train.num_processes=4", "train.hostfile=/etc/hosts")
     argv, env = launch_command(nodes, 29500, env_file="/tmp/env")
     assert argv[1:3] == ["-m", "deepspeed.launcher.runner"] and env == {"DS_ENV_FILE": "/tmp/env"}
     assert argv[argv.index("--hostfile") + 1] == "/etc/hosts" and argv[argv.index("--num_nodes") + 1] == "2"
-    assert argv[argv.index("--num_gpus") + 1] == "4" and argv[-4:-2] == ["--module", "tasks.train_worker"]
+    assert argv[argv.index("--num_gpus") + 1] == "4" and argv[-4:-2] == ["--module", "tasks.ranks"]
 
 
 def test_rank_entry_point_imports_no_prefect():
-    code = "import sys, tasks.train_worker; sys.exit(any(m.split('.')[0] == 'prefect' for m in sys.modules))"
+    code = "import sys, tasks.ranks.__main__; sys.exit(any(m.split('.')[0] == 'prefect' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=train_mod.PROJECT_DIR).returncode == 0
 
 
@@ -165,6 +166,39 @@ def test_bad_config_fails_before_any_process_starts(store_root, monkeypatch):
     with pytest.raises(ValueError, match=f"global batch 256 > {NUM_IMAGES} samples"):
         train_run(config(store_root, "bad", "train.batch_size_global=256"))
     assert not fs.exists(Root(store_root).run("bad").config)  # nothing written either
+
+
+def _fake_commit(run, step: int, value: float = 0.0) -> None:
+    """A committed checkpoint of ``step`` (no DeepSpeed state: what the parent reads is the marker)."""
+    url = run.checkpoint(step)
+    ckpts.clear(url)
+    digests = ckpts.write_weights(url, {"w": torch.full((2,), value)}, {"hidden_size": 8}, "name: w\n")
+    ckpts.commit(url, step, extra={"attempt": {"resumed_from": 0, "steps_per_s": 2.5}}, digests=digests)
+
+
+def test_the_parent_learns_of_commits_from_their_markers_once_each_in_step_order(tmp_path):
+    run = Root(str(tmp_path)).run("watch")
+    _fake_commit(run, 2)
+    _fake_commit(run, 4)
+    commits = train_mod.CommitWatcher(run, every_s=0)
+    assert commits.new() == []  # committed before the watch began
+    _fake_commit(run, 4, value=1.0)  # step 4 was corrupt: the ranks resumed from 2 and wrote it again
+    _fake_commit(run, 6)
+    assert commits.new() == [4, 6] and commits.due() == []
+    _fake_commit(run, 8)
+    assert ckpts.apply_retention(run, keep_last=1, keep_every=None) == [2, 4, 6]
+    assert commits.due() == [8]
+
+
+def test_the_train_result_is_read_from_the_run_in_storage(tmp_path):
+    run = Root(str(tmp_path)).run("result")
+    assert train_mod.TrainResult.of_run(run) == train_mod.TrainResult(run.url, None, None, None, None, None, None)
+    _fake_commit(run, 3)
+    records = [{"step": s, "loss": 2.0 / s, "loss_v": 1.0 / s, "loss_u": None} for s in (1, 2, 3)]
+    fs.write_text(run.train_log, "".join(json.dumps(r) + "\n" for r in records))
+    result = train_mod.TrainResult.of_run(run)
+    assert result == train_mod.TrainResult(run.url, run.checkpoint(3), 3, 2.0 / 3, 1.0 / 3, None, 2.5)
+    assert train_mod.TrainResult.of_run(run, steps_per_s=0.0).steps_per_s == 0.0  # an attempt with nothing to do
 
 
 # -- slow: real ranks ---------------------------------------------------------------------------------------
@@ -195,8 +229,8 @@ def zero2_run(store_root, tmp_path_factory):
 def test_two_ranks_zero2_from_the_store(zero2_run, store_root):
     run = Root(store_root).run("z2")
     result = zero2_run["result"]
-    assert result["step"] == 10 and result["run_url"] == run.url
-    assert result["checkpoint_url"] == run.checkpoint(10) and math.isfinite(result["final_loss"])
+    assert result.step == 10 and result.run_url == run.url
+    assert result.checkpoint_url == run.checkpoint(10) and math.isfinite(result.final_loss)
     assert [s for _, s in zero2_run["calls"]] == [4, 8, 10]
     assert ckpts.committed_steps(run) == [8, 10]  # retention: the last 2
     marker = ckpts.read_marker(run.checkpoint(10))
@@ -225,7 +259,7 @@ def _worker_processes(run_name: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "tasks.train_worker" in cmd and run_name in cmd:
+        if "tasks.ranks" in cmd and run_name in cmd:
             found.append(p)
     return found
 
@@ -268,7 +302,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(zero2_run, store_
     caplog.clear()
     result = train_run(cfg)
     assert "resuming at step 4 from" in caplog.text
-    assert result["step"] == 10 and ckpts.committed_steps(run) == [8, 10]
+    assert result.step == 10 and ckpts.committed_steps(run) == [8, 10]
     expected, got = losses(store_root, "z2"), losses(store_root, "z2-killed")
     assert sorted(got) == list(range(1, 11))
     for step in expected:
@@ -288,7 +322,7 @@ def test_zero2_resumes_at_another_world_size(zero2_run, store_root, caplog):
         store_root, "z2-w1", "train.zero_stage=2", "train.num_steps=12", "train.checkpoint_every=4", "train.keep_last=2"
     )
     result = train_run(cfg)
-    assert result["step"] == 12
+    assert result.step == 12
     assert "universal checkpoint" in caplog.text and "resuming at step 10" in caplog.text
     log = read_train_log(Root(store_root).run("z2-w1"))
     assert [r["world_size"] for r in log] == [2] * 10 + [1] * 2
@@ -309,7 +343,7 @@ def test_zero3_save_consolidate_and_refuse_another_world_size(store_root, monkey
         "train.checkpoint_every=4",
         "train.ema_decay=0",
     )  # EMA = the weights, to compare with
-    assert train_run(cfg)["step"] == 4
+    assert train_run(cfg).step == 4
     url = Root(store_root).run("z3").checkpoint(4)
     files = ckpts.read_marker(url)["files"]
     assert "trainer/zero_pp_rank_1_mp_rank_00_model_states.pt" in files  # ZeRO-3: parameters partitioned
@@ -333,11 +367,11 @@ def test_checkpoints_on_s3_and_resume_from_them(store_root, s3_bucket, monkeypat
     overrides = ("train.zero_stage=1", "train.precision=bf16", "train.checkpoint_every=3")
     first = train_run(config(root, "s3", *overrides, "train.num_steps=6"))
     run = Root(root).run("s3")
-    assert first["checkpoint_url"] == run.checkpoint(6) and run.checkpoint(6).startswith("s3://")
+    assert first.checkpoint_url == run.checkpoint(6) and run.checkpoint(6).startswith("s3://")
     assert events == [("s3", run.checkpoint(3), 3), ("s3", run.checkpoint(6), 6)]
     before = losses(root, "s3")
     second = train_run(config(root, "s3", *overrides, "train.num_steps=9"))  # resumes from S3 at step 6
-    assert second["step"] == 9 and ckpts.committed_steps(run) == [3, 6, 9]
+    assert second.step == 9 and ckpts.committed_steps(run) == [3, 6, 9]
     after = losses(root, "s3")
     assert sorted(after) == list(range(1, 10)) and all(after[s] == before[s] for s in before)
     marker = ckpts.read_marker(run.checkpoint(9))
@@ -383,7 +417,7 @@ def test_train_flow_emits_checkpoint_events(prefect_harness, store_root, tmp_pat
     result = train_flow(config=str(path), overrides=["train.num_steps=2"])
     EventsWorker.drain_all(at_exit=False)
     run = Root(store_root).run("flow")
-    assert result["step"] == 2 and result["checkpoint_url"] == run.checkpoint(2)
+    assert result.step == 2 and result.checkpoint_url == run.checkpoint(2)
     wanted = EventFilter(
         event=EventNameFilter(name=[train_mod.EVENT]), resource=EventResourceFilter(id=["dumo.run.flow"])
     )
@@ -404,6 +438,6 @@ def test_a_checkpoint_of_another_network_is_refused_with_the_difference_and_the_
     cfg = load_config("demo")
     model = {"hidden_size": 128, "depth": 4, "time_scale": 1.0}
     state = {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "world_size": 1}
-    assert check_resumable(state, cfg.train, model, dict(model), "file:///r/checkpoints/step-1") is False
+    assert ckpts.check_resumable(state, cfg.train, model, dict(model), "file:///r/checkpoints/step-1") is False
     with pytest.raises(ValueError, match=r"differs in \['time_scale'\].*--set name=NEW"):
-        check_resumable(state, cfg.train, model, {**model, "time_scale": 1000.0}, "file:///r/checkpoints/step-1")
+        ckpts.check_resumable(state, cfg.train, model, {**model, "time_scale": 1000.0}, "file:///r/checkpoints/step-1")
