@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 
 from dumo_model import EMA, build_model
-from storage import checkpoints, fs, images, latents, metrics
-from storage.autoencoders import AutoencoderSpec, describe, encode_files
+from storage import checkpoints, fs, images, metrics
 from storage.layout import Root
 from tasks import eval_metrics
 from tasks.config import PipelineConfig
@@ -35,32 +34,10 @@ from tasks.evaluate import SAMPLING_STATS, evaluate_checkpoint, find_unevaluated
 from tasks.modeling import config_dict
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
+from tests.stores import pixels_store
 
 RUN = "tiny"
 N = 200  # samples per sampler: 20 per digit
-
-
-def _build_store(root: Root, src: images.ImageSource, channels: int, name: str) -> str:
-    spec = AutoencoderSpec("pixels")
-    info = describe(spec, channels, 8)
-    attrs = {
-        "autoencoder": info.identity,
-        "latent_scale": 1.0,
-        "latent_shift": 0.0,
-        "pixel_range": [-1.0, 1.0],
-        "crop": images.CROP_RECIPE,
-        "resolution": 8,
-        "image_channels": channels,
-        "flip": "stored",
-        "class_names": list(src.class_names),
-        "dataset_fingerprint": src.fingerprint,
-    }
-    store = root.latent_store(name)
-    latents.create(store, len(src), info.latent_shape, "float32", len(src), attrs)
-    rows = encode_files(src.url, src.files, spec, info, 8, 0)
-    latents.write_shard(store, 0, rows.mean, rows.std, rows.label, rows.source)
-    latents.finalize(store)
-    return store
 
 
 def _checkpoint(root: Root, cfg: PipelineConfig, step: int, **model_options) -> str:
@@ -78,7 +55,7 @@ def _checkpoint(root: Root, cfg: PipelineConfig, step: int, **model_options) -> 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> tuple[Root, PipelineConfig]:
     root = Root(str(tmp_path_factory.mktemp("eval") / "root"))
-    _build_store(root, images.write_digits(root.images("digits")), 1, "digits-8")
+    pixels_store(root.latent_store("digits-8"), images.write_digits(root.images("digits")))
     cfg = PipelineConfig.model_validate(
         {
             "name": RUN,
@@ -260,7 +237,7 @@ def rgb_run(tmp_path_factory) -> tuple[Root, PipelineConfig, str, str]:
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="PNG")
             fs.write_bytes(fs.join(root.images("rgb"), f"c{c}", f"{i:02d}.png"), buf.getvalue())
-    _build_store(root, images.list_images(root.images("rgb")), 3, "rgb-8")
+    pixels_store(root.latent_store("rgb-8"), images.list_images(root.images("rgb")), channels=3)
     weights = str(tmp / "inception.pth")
     _random_inception(weights)
     cfg = PipelineConfig.model_validate(

@@ -27,8 +27,6 @@ from pydantic import ValidationError
 
 from storage import checkpoints as ckpts
 from storage import fs, latents
-from storage.autoencoders import AutoencoderSpec, describe, encode_files
-from storage.images import CROP_RECIPE, PIXEL_RANGE, fingerprint, write_digits
 from storage.layout import Root
 from storage.train_log import read_train_log
 from tasks import train as train_mod
@@ -37,43 +35,15 @@ from tasks.train import launch_command, train_run
 from tasks.train_worker import check_resumable, consolidated_weights, deepspeed_config, step_generator
 from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
 from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
+from tests.stores import TINY_IMAGES, TINY_STORE, digits_store
 
-STORE = "digits-tiny"
-NUM_IMAGES = 128
-
-
-def build_tiny_store(root: str, num_images: int = NUM_IMAGES, shard_size: int = 64) -> str:
-    """A complete latent store of ``num_images`` digits (every k-th, so all ten classes), written with the
-    store's own stage functions: create -> write_shard per shard -> finalize."""
-    source = write_digits(Root(root).images("digits"))
-    files = source.files[:: len(source.files) // num_images][:num_images]
-    spec = AutoencoderSpec("pixels")
-    info = describe(spec, image_channels=1, resolution=8)
-    url = Root(root).latent_store(STORE)
-    attrs = {
-        "autoencoder": info.identity,
-        "latent_scale": info.latent_scale,
-        "latent_shift": info.latent_shift,
-        "pixel_range": list(PIXEL_RANGE),
-        "crop": CROP_RECIPE,
-        "resolution": 8,
-        "image_channels": 1,
-        "flip": "stored",
-        "class_names": list(source.class_names),
-        "dataset_fingerprint": fingerprint(files),
-    }
-    latents.create(url, len(files), info.latent_shape, "float32", shard_size, attrs)
-    for index, lo in enumerate(range(0, len(files), shard_size)):
-        rows = encode_files(source.url, files[lo : lo + shard_size], spec, info, 8, lo)
-        latents.write_shard(url, index, rows.mean, rows.std, rows.label, rows.source)
-    latents.finalize(url)
-    return url
+STORE, NUM_IMAGES = TINY_STORE, TINY_IMAGES
 
 
 @pytest.fixture(scope="session")
 def store_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("train-root"))
-    build_tiny_store(root)
+    digits_store(root)
     return root
 
 
