@@ -191,11 +191,11 @@ def test_two_ranks_zero2_from_the_store(zero2_run, store_root):
     assert fs.read_bytes(run.loss_curve)[:4] == b"\x89PNG"
 
 
-def _worker_processes(run_name: str) -> list[psutil.Process]:
-    found = []
+def _worker_processes(root: str, run_name: str) -> list[psutil.Process]:
+    found = []  # matched on the root too: a run of the same name elsewhere (another pytest) is not ours
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "tasks.train_worker" in cmd and run_name in cmd:
+        if "tasks.train_worker" in cmd and run_name in cmd and any(root in arg for arg in cmd):
             found.append(p)
     return found
 
@@ -224,7 +224,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(zero2_run, store_
     thread.join(60)
     assert "killed by SIGKILL" in str(outcome["error"])
     deadline = time.monotonic() + 20
-    while _worker_processes("z2-killed"):  # the ranks die with their launcher (PR_SET_PDEATHSIG)
+    while _worker_processes(store_root, "z2-killed"):  # the ranks die with their launcher (PR_SET_PDEATHSIG)
         assert time.monotonic() < deadline, "ranks outlived their killed launcher"
         time.sleep(0.2)
 
