@@ -11,7 +11,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="dumo-prefect-home-"))
+# One Prefect home per test process. Under pytest-xdist the workers inherit the controller's environment,
+# and a shared home would share the local result storage, where a cached task result of one worker's test
+# could be read by another's; so a home this file made for the controller is replaced in each worker.
+if os.environ.get("PREFECT_HOME") in (None, os.environ.get("DUMO_TESTS_PREFECT_HOME")):
+    os.environ["PREFECT_HOME"] = os.environ["DUMO_TESTS_PREFECT_HOME"] = tempfile.mkdtemp(prefix="dumo-prefect-home-")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 os.environ.setdefault("MPLBACKEND", "Agg")
