@@ -172,6 +172,7 @@ def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
+@pytest.mark.slow  # ~27 CPU s: Dask worker processes that each load the VAE
 def test_sd_vae_in_worker_processes(rgb_dir: str, tiny_vae_dir: str, tmp_path) -> None:
     store = str(tmp_path / "latents" / "vae.zarr")
     summary = run_build_latents(

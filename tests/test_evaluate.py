@@ -258,6 +258,7 @@ def rgb_run(tmp_path_factory) -> tuple[Root, PipelineConfig, str, str]:
     return root, cfg, url, weights
 
 
+@pytest.mark.slow  # ~60 CPU s: Inception-v3 at 299 px on the CPU, twice
 def test_inception_path_gives_fid_is_kid_and_takes_an_npz(rgb_run, tmp_path) -> None:
     root, cfg, url, weights = rgb_run
     record = evaluate_checkpoint(url)
