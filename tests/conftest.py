@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 
 import pytest
 import torch
+
+# The session's one Prefect test server and one moto S3 server, for every test module (a module that
+# imported these fixtures itself would get a server of its own: a fixture is registered per module).
+from tests.prefect_fixtures import prefect_harness  # noqa: F401
+from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -28,3 +34,15 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _longest_files_first(items)
+
+
+def _longest_files_first(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist with ``--dist loadfile --no-loadscope-reorder`` (make test), whole files go to the
+    workers in collection order. Files with more tests marked slow go first, so that the long ones (a
+    Prefect server end to end, DeepSpeed ranks) do not start last while the other worker idles; a file's
+    own order is kept (some files run in order on shared module fixtures). Every worker sorts alike."""
+    slow = Counter(item.path for item in items if "slow" in item.keywords)
+    first_seen = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
+    items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))

@@ -20,8 +20,6 @@ from storage import autoencoders, latents
 from storage.fs import filesystem, upload_dir
 from storage.images import list_images, write_digits
 from storage.latent_dataset import LatentDataset
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 THREADS = {"workers": 2, "processes": False}  # a real LocalCluster, workers as threads: quick to start
@@ -135,7 +133,7 @@ def test_corrupt_jpeg_fails_naming_it_then_skip_lists_it(rgb_dir: str, tmp_path)
     assert LatentDataset(store).num_samples == 12
 
 
-def test_s3_source_and_store_round_trip(rgb_dir: str, s3_bucket: str, moto_endpoint: str) -> None:  # noqa: F811
+def test_s3_source_and_store_round_trip(rgb_dir: str, s3_bucket: str, moto_endpoint: str) -> None:
     upload_dir(rgb_dir, f"{s3_bucket}/train")
     store = f"{s3_bucket}/latents/rgb.zarr"
     summary = run_build_latents(f"{s3_bucket}/train", store, resolution=16, shard_size=4, **THREADS)

@@ -10,7 +10,6 @@ from storage import fs
 from storage.layout import Root
 from tasks.compare import arm_configs, check_identical, markdown_table, plot_png, steps_of, summarize, winner
 from tasks.config import load_config
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
 
 
 def test_arms_share_everything_but_objective_seed_and_steps():
@@ -94,7 +93,7 @@ def test_summary_table_and_winner():
 
 
 @pytest.mark.slow
-def test_compare_flow_runs_all_three_arms_and_fills_every_cell(prefect_harness, tmp_path):  # noqa: F811
+def test_compare_flow_runs_all_three_arms_and_fills_every_cell(prefect_harness, tmp_path):
     from flows.compare import compare_objectives
 
     overrides = [

@@ -19,7 +19,6 @@ from flows.build_latents import build_latents, dask_task_runner, task_resources
 from storage import autoencoders, latents
 from storage.images import write_digits
 from tests.dask_cluster import ExternalCluster
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 from tests.test_build_latents import tiny_vae_dir  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]

@@ -32,8 +32,6 @@ from tasks import eval_metrics
 from tasks.config import PipelineConfig
 from tasks.evaluate import SAMPLING_STATS, evaluate_checkpoint, find_unevaluated, protocol_hash
 from tasks.modeling import config_dict
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 from tests.stores import pixels_store
 
 RUN = "tiny"

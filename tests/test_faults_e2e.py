@@ -24,8 +24,6 @@ from storage import fs, images, latents
 from storage.layout import Root
 from tasks.train import train_run
 from tests.fault_proxy import FaultProxy
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 from tests.test_train import config, losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -76,8 +74,8 @@ def _worker(root: str, run_name: str) -> psutil.Process | None:
 
 def test_encode_and_a_killed_training_run_survive_15_percent_s3_faults(
     tmp_path,
-    s3_bucket,  # noqa: F811
-    moto_endpoint,  # noqa: F811
+    s3_bucket,
+    moto_endpoint,
     monkeypatch,
     caplog,
 ):

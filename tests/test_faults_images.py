@@ -14,7 +14,6 @@ from PIL import Image
 from flows.build_latents import run_build_latents
 from storage import latents
 from storage.images import decode_image, list_images
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 
 
 def _png(im: Image.Image, **kw) -> bytes:

@@ -18,7 +18,6 @@ from storage.layout import Root
 from storage.train_log import read_train_log
 from tasks.train import NodeLaunch, launch_command, train_run
 from tasks.train_nodes import node_argv
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 from tests.stores import TINY_STORE, digits_store
 from tests.test_train import config
 
@@ -59,7 +58,7 @@ def _traced_batches(trace: str) -> dict[int, tuple[int, torch.Tensor, torch.Tens
 
 
 @pytest.mark.slow
-def test_two_nodes_then_resume_on_one(prefect_harness, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_two_nodes_then_resume_on_one(prefect_harness, tmp_path, monkeypatch) -> None:
     root = str(tmp_path / "root")
     store = digits_store(root)
     trace = tmp_path / "trace"

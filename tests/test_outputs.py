@@ -19,7 +19,6 @@ from storage import checkpoints as ckpts
 from storage import fs
 from storage.layout import Root
 from tasks import eval_metrics
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 from tests.stores import TINY_STORE, digits_store
 from tests.test_train import config
 

@@ -33,8 +33,6 @@ from tasks import train as train_mod
 from tasks.config import load_config
 from tasks.train import launch_command, train_run
 from tasks.train_worker import check_resumable, consolidated_weights, deepspeed_config, step_generator
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 from tests.stores import TINY_IMAGES, TINY_STORE, digits_store
 
 STORE, NUM_IMAGES = TINY_STORE, TINY_IMAGES
@@ -294,7 +292,7 @@ def test_zero3_save_consolidate_and_refuse_another_world_size(store_root, monkey
 
 
 @pytest.mark.slow
-def test_checkpoints_on_s3_and_resume_from_them(store_root, s3_bucket, monkeypatch):  # noqa: F811
+def test_checkpoints_on_s3_and_resume_from_them(store_root, s3_bucket, monkeypatch):
     root = f"{s3_bucket}/root"
     fs.upload_dir(fs.local_path(Root(store_root).latent_store(STORE)), Root(root).latent_store(STORE))
     events: list[tuple] = []
@@ -338,7 +336,7 @@ def test_a_failing_rank_fails_the_task_with_its_error(zero2_run, store_root):
 
 
 @pytest.mark.slow
-def test_train_flow_emits_checkpoint_events(prefect_harness, store_root, tmp_path):  # noqa: F811
+def test_train_flow_emits_checkpoint_events(prefect_harness, store_root, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
     from prefect.events.worker import EventsWorker
