@@ -1,6 +1,6 @@
 """A Prefect API for tests: one ``prefect_test_harness`` (temporary server + SQLite) for the session.
 
-Import the fixture explicitly (``from tests.prefect_fixtures import prefect_harness``) and request it.
+tests/conftest.py makes it one fixture for the whole session: request it; do not import it.
 The environment it needs (offline, no analytics, startup timeout) is set by conftest.py, before Prefect
 reads its settings.
 """

@@ -1,6 +1,6 @@
 """An S3 endpoint for tests: moto's server on 127.0.0.1, spoken to by real s3fs over HTTP.
 
-Import the fixtures explicitly (``from tests.s3_fixtures import moto_endpoint, s3_bucket``).
+tests/conftest.py makes them fixtures of every test module: request them; do not import them.
 """
 
 from __future__ import annotations

@@ -20,8 +20,6 @@ from storage import autoencoders, latents
 from storage.fs import filesystem, upload_dir
 from storage.images import list_images, write_digits
 from storage.latent_dataset import LatentDataset
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 THREADS = {"workers": 2, "processes": False}  # a real LocalCluster, workers as threads: quick to start
@@ -135,7 +133,7 @@ def test_corrupt_jpeg_fails_naming_it_then_skip_lists_it(rgb_dir: str, tmp_path)
     assert LatentDataset(store).num_samples == 12
 
 
-def test_s3_source_and_store_round_trip(rgb_dir: str, s3_bucket: str, moto_endpoint: str) -> None:  # noqa: F811
+def test_s3_source_and_store_round_trip(rgb_dir: str, s3_bucket: str, moto_endpoint: str) -> None:
     upload_dir(rgb_dir, f"{s3_bucket}/train")
     store = f"{s3_bucket}/latents/rgb.zarr"
     summary = run_build_latents(f"{s3_bucket}/train", store, resolution=16, shard_size=4, **THREADS)
@@ -153,25 +151,7 @@ def test_s3_source_and_store_round_trip(rgb_dir: str, s3_bucket: str, moto_endpo
     assert _encoded() == before
 
 
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=16,
-    )
-    path = str(tmp_path_factory.mktemp("vae") / "tiny-vae")
-    vae.save_pretrained(path)
-    return path
-
-
+@pytest.mark.slow  # ~27 CPU s: Dask worker processes that each load the VAE
 def test_sd_vae_in_worker_processes(rgb_dir: str, tiny_vae_dir: str, tmp_path) -> None:
     store = str(tmp_path / "latents" / "vae.zarr")
     summary = run_build_latents(

@@ -95,10 +95,11 @@ def test_evaluate_without_a_server_starts_none_and_shows_its_progress(tmp_path: 
     from storage import images
     from storage.layout import Root
     from tasks.config import PipelineConfig
-    from tests.test_evaluate import _build_store, _checkpoint
+    from tests.stores import pixels_store
+    from tests.test_evaluate import _checkpoint
 
     root = Root(str(tmp_path / "root"))
-    _build_store(root, images.write_digits(root.images("digits")), 1, "digits-8")
+    pixels_store(root.latent_store("digits-8"), images.write_digits(root.images("digits")))
     cfg = PipelineConfig.model_validate(
         {"name": "cli", "root": root.url, "data": {"store_name": "digits-8"}, "eval": {"num_samples": 50}}
     )

@@ -25,7 +25,6 @@ from tasks.compare import (
 )
 from tasks.config import load_config
 from tasks.evaluate import EvalRecord, SamplerResult
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
 
 
 def test_arms_share_everything_but_objective_seed_and_steps():
@@ -116,7 +115,7 @@ def test_summary_table_and_winner():
 
 
 @pytest.mark.slow
-def test_compare_flow_runs_all_three_arms_and_fills_every_cell(prefect_harness, tmp_path):  # noqa: F811
+def test_compare_flow_runs_all_three_arms_and_fills_every_cell(prefect_harness, tmp_path):
     from flows.compare import compare_objectives
 
     overrides = [

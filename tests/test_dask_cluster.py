@@ -20,8 +20,6 @@ from storage import autoencoders, latents
 from storage.images import write_digits
 from tasks.config import DataConfig
 from tests.dask_cluster import ExternalCluster
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.test_build_latents import tiny_vae_dir  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 SHARD_SIZE = 60  # the 1,797 digits in 30 shards: enough tasks for a kill to land in the middle
@@ -68,7 +66,7 @@ def test_task_resources() -> None:
     assert task_resources(None, {"GPU": 1, "MEM": 2}) == {"GPU": 1, "MEM": 2}
 
 
-def test_gpu_resource_and_one_autoencoder_per_worker(cluster: ExternalCluster, rgb_dir: str, tiny_vae_dir, tmp_path):  # noqa: F811
+def test_gpu_resource_and_one_autoencoder_per_worker(cluster: ExternalCluster, rgb_dir: str, tiny_vae_dir, tmp_path):
     store = str(tmp_path / "latents" / "vae.zarr")
     data = DataConfig(
         autoencoder="sd-vae",

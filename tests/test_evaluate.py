@@ -28,8 +28,7 @@ from PIL import Image
 from dumo_model import EMA, build_model
 from dumo_model.features import extract
 from dumo_model.metrics import frechet_distance, real_baseline, score
-from storage import checkpoints, fs, images, latents, metrics, reference_stats
-from storage.autoencoders import AutoencoderSpec, describe, encode_files
+from storage import checkpoints, fs, images, metrics, reference_stats
 from storage.layout import Root
 from tasks.config import EvalConfig, PipelineConfig
 from tasks.evaluate import (
@@ -42,34 +41,10 @@ from tasks.evaluate import (
     protocol_hash,
 )
 from tasks.modeling import config_dict
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
+from tests.stores import pixels_store
 
 RUN = "tiny"
 N = 200  # samples per sampler: 20 per digit
-
-
-def _build_store(root: Root, src: images.ImageSource, channels: int, name: str) -> str:
-    spec = AutoencoderSpec("pixels")
-    info = describe(spec, channels, 8)
-    attrs = {
-        "autoencoder": info.identity,
-        "latent_scale": 1.0,
-        "latent_shift": 0.0,
-        "pixel_range": [-1.0, 1.0],
-        "crop": images.CROP_RECIPE,
-        "resolution": 8,
-        "image_channels": channels,
-        "flip": "stored",
-        "class_names": list(src.class_names),
-        "dataset_fingerprint": src.fingerprint,
-    }
-    store = root.latent_store(name)
-    latents.create(store, len(src), info.latent_shape, "float32", len(src), attrs)
-    rows = encode_files(src.url, src.files, spec, info, 8, 0)
-    latents.write_shard(store, 0, rows.mean, rows.std, rows.label, rows.source)
-    latents.finalize(store)
-    return store
 
 
 def _checkpoint(root: Root, cfg: PipelineConfig, step: int, **model_options) -> str:
@@ -87,7 +62,7 @@ def _checkpoint(root: Root, cfg: PipelineConfig, step: int, **model_options) -> 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> tuple[Root, PipelineConfig]:
     root = Root(str(tmp_path_factory.mktemp("eval") / "root"))
-    _build_store(root, images.write_digits(root.images("digits")), 1, "digits-8")
+    pixels_store(root.latent_store("digits-8"), images.write_digits(root.images("digits")))
     cfg = PipelineConfig.model_validate(
         {
             "name": RUN,
@@ -270,7 +245,7 @@ def rgb_run(tmp_path_factory) -> tuple[Root, PipelineConfig, str, str]:
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="PNG")
             fs.write_bytes(fs.join(root.images("rgb"), f"c{c}", f"{i:02d}.png"), buf.getvalue())
-    _build_store(root, images.list_images(root.images("rgb")), 3, "rgb-8")
+    pixels_store(root.latent_store("rgb-8"), images.list_images(root.images("rgb")), channels=3)
     weights = str(tmp / "inception.pth")
     _random_inception(weights)
     cfg = PipelineConfig.model_validate(
@@ -291,6 +266,7 @@ def rgb_run(tmp_path_factory) -> tuple[Root, PipelineConfig, str, str]:
     return root, cfg, url, weights
 
 
+@pytest.mark.slow  # ~60 CPU s: Inception-v3 at 299 px on the CPU, twice
 def test_inception_path_gives_fid_is_kid_and_takes_an_npz(rgb_run, tmp_path) -> None:
     root, cfg, url, weights = rgb_run
     record = evaluate_checkpoint(url).to_json()

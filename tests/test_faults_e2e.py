@@ -24,8 +24,6 @@ from storage import fs, images, latents
 from storage.layout import Root
 from tasks.train import train_run
 from tests.fault_proxy import FaultProxy
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 from tests.test_train import config, losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -64,18 +62,20 @@ def _arrays_equal(a: str, b: str) -> int:
     return compared
 
 
-def _worker(run_name: str) -> psutil.Process | None:
+def _worker(root: str, run_name: str) -> psutil.Process | None:
+    """The rank training ``run_name`` on ``root`` (the root too: another test, in this pytest or beside it,
+    may train a run of the same name, and its rank is not ours to kill)."""
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "tasks.ranks" in cmd and run_name in cmd:
+        if "tasks.ranks" in cmd and run_name in cmd and any(root in arg for arg in cmd):
             return p
     return None
 
 
 def test_encode_and_a_killed_training_run_survive_15_percent_s3_faults(
     tmp_path,
-    s3_bucket,  # noqa: F811
-    moto_endpoint,  # noqa: F811
+    s3_bucket,
+    moto_endpoint,
     monkeypatch,
     caplog,
 ):
@@ -109,7 +109,7 @@ def test_encode_and_a_killed_training_run_survive_15_percent_s3_faults(
                 names = [os.path.basename(p) for p in direct.find(step4, refresh=True)]
             except FileNotFoundError:
                 names = []
-            if names and ckpts.MARKER not in names and (worker := _worker("e2e")) is not None:
+            if names and ckpts.MARKER not in names and (worker := _worker(s3_root, "e2e")) is not None:
                 os.killpg(worker.pid, signal.SIGKILL)
                 killed = True
             time.sleep(0.01)

@@ -14,7 +14,6 @@ import pytest
 from flows.build_latents import run_build_latents
 from storage import latents
 from storage.images import write_digits
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 SHARD = 64  # 1,797 digits -> 29 shards

@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 
 from flows.build_latents import run_build_latents
-from storage import images, latents
+from storage import latents
 from storage.images import decode_image, list_images
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 
 
 def _png(im: Image.Image, **kw) -> bytes:
@@ -68,7 +67,7 @@ def test_palette_and_cmyk_images_are_converted_to_their_colours() -> None:
 
 
 def test_every_conversion_is_counted_in_the_store_report(tmp_path) -> None:
-    from storage.autoencoders import AutoencoderSpec, describe, encode_shard
+    from tests.stores import pixels_store
 
     src = tmp_path / "src"
     (src / "a").mkdir(parents=True)
@@ -78,25 +77,8 @@ def test_every_conversion_is_counted_in_the_store_report(tmp_path) -> None:
     Image.new("RGB", (1, 1), (255, 0, 0)).save(src / "a" / "tiny.png")  # 1x1, and colour in a grey store
     Image.new("L", (16, 16), 50).save(src / "a" / "plain.png")
     source = list_images(str(src))
-    spec = AutoencoderSpec("pixels")
-    info = describe(spec, image_channels=1, resolution=8)
-    url = str(tmp_path / "s.zarr")
-    attrs = {
-        "autoencoder": info.identity,
-        "latent_scale": 1.0,
-        "latent_shift": 0.0,
-        "pixel_range": [-1.0, 1.0],
-        "crop": images.CROP_RECIPE,
-        "resolution": 8,
-        "image_channels": 1,
-        "flip": "stored",
-        "class_names": ["a"],
-        "dataset_fingerprint": source.fingerprint,
-    }
-    latents.create(url, len(source), info.latent_shape, "float32", 2, attrs)
-    encode_shard(url, 0, source.url, source.files[:2], spec)
-    encode_shard(url, 1, source.url, source.files[2:], spec)
-    report = latents.finalize(url)
+    url = pixels_store(str(tmp_path / "s.zarr"), source, shard_size=2)  # two encode tasks
+    report = latents.open_store(url).attrs["report"]
     counts = {kind: e["count"] for kind, e in report["conversions"].items()}
     assert counts == {"scaled_16bit": 1, "alpha_composited": 1, "colour_to_grey": 1, "upscaled": 1}
     assert report["conversions"]["upscaled"]["examples"] == ["a/tiny.png"]

@@ -17,11 +17,10 @@ import s3fs
 from storage import fs, metrics
 from storage.errors import S3SetupError
 from tests.fault_proxy import FaultProxy
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-def proxy(s3_bucket, moto_endpoint, monkeypatch):  # noqa: F811
+def proxy(s3_bucket, moto_endpoint, monkeypatch):
     with FaultProxy(moto_endpoint, lifetime_s=300) as p:
         monkeypatch.setenv("DUMO_S3_ENDPOINT_URL", p.url)
         s3fs.S3FileSystem.clear_instance_cache()
@@ -29,7 +28,7 @@ def proxy(s3_bucket, moto_endpoint, monkeypatch):  # noqa: F811
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_the_proxy_injects_each_fault_kind_bounded_and_forwards_the_rest(proxy, s3_bucket):  # noqa: F811
+def test_the_proxy_injects_each_fault_kind_bounded_and_forwards_the_rest(proxy, s3_bucket):
     proxy.fault_rate, proxy.max_faults = 1.0, 0  # bounded at 0: everything forwarded
     fs.write_bytes(fs.join(s3_bucket, "a"), b"x" * 1000)
     assert fs.read_bytes(fs.join(s3_bucket, "a")) == b"x" * 1000 and proxy.faults == 0
@@ -40,7 +39,7 @@ def test_the_proxy_injects_each_fault_kind_bounded_and_forwards_the_rest(proxy, 
     assert proxy.faults == 12 and set(proxy.counts) == {"503", "500", "drop_before", "drop_after"}, proxy.counts
 
 
-def test_the_lock_recognises_its_own_token_after_a_lost_answer(proxy, s3_bucket):  # noqa: F811
+def test_the_lock_recognises_its_own_token_after_a_lost_answer(proxy, s3_bucket):
     lock = fs.join(s3_bucket, "evals", metrics.LOCK_FILE)
     # S3 applies the conditional PUT, the answer is lost, the client's retry gets 412 Precondition Failed
     proxy.fail_next("drop_after", lambda method, path, headers: method == "PUT" and path.endswith(metrics.LOCK_FILE))
@@ -61,7 +60,7 @@ def test_the_lock_recognises_its_own_token_after_a_lost_answer(proxy, s3_bucket)
 
 
 @pytest.mark.parametrize("case", ["no credentials", "unreachable endpoint", "not an S3 endpoint"])
-def test_a_wrong_s3_setup_fails_in_seconds_naming_the_variables(case, moto_endpoint, monkeypatch):  # noqa: F811
+def test_a_wrong_s3_setup_fails_in_seconds_naming_the_variables(case, moto_endpoint, monkeypatch):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DUMO_S3"))}
     env.update(AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
     env.update(AWS_EC2_METADATA_DISABLED="true", DUMO_S3_ENDPOINT_URL=moto_endpoint)
@@ -83,7 +82,7 @@ def test_a_wrong_s3_setup_fails_in_seconds_naming_the_variables(case, moto_endpo
     assert seconds < 30, f"{case}: {seconds:.1f} s to fail"  # generous: the 2-core machine may be loaded
 
 
-def test_setup_errors_are_permanent_and_a_bucket_that_is_missing_is_named(s3_bucket, moto_endpoint):  # noqa: F811
+def test_setup_errors_are_permanent_and_a_bucket_that_is_missing_is_named(s3_bucket, moto_endpoint):
     from storage.errors import is_transient
 
     with pytest.raises(S3SetupError, match="no bucket 'not-there'") as info:
@@ -91,7 +90,7 @@ def test_setup_errors_are_permanent_and_a_bucket_that_is_missing_is_named(s3_buc
     assert not is_transient(info.value)
 
 
-def test_the_standard_aws_endpoint_variable_is_botocores_to_read(s3_bucket, moto_endpoint, monkeypatch):  # noqa: F811
+def test_the_standard_aws_endpoint_variable_is_botocores_to_read(s3_bucket, moto_endpoint, monkeypatch):
     """Without DUMO_S3_ENDPOINT_URL, botocore itself takes AWS_ENDPOINT_URL_S3 (the project passes no
     endpoint), and a wrong one is named by that variable in the one-line error."""
     monkeypatch.delenv("DUMO_S3_ENDPOINT_URL")

@@ -12,17 +12,17 @@ import zarr
 
 from flows.cli import main as cli
 from storage import images, latents
-from storage.autoencoders import AutoencoderSpec, describe, encode_shard
 from storage.fs import local_path
 from storage.latent_dataset import LatentDataset
 from storage.layout import Root
+from tests.stores import pixels_store
 
 NUM_IMAGES, SHARD = 96, 32
 
 
 def build_digits_store(root: str) -> str:
-    """A complete store of the first 96 digits in 3 shards, built with the store's own stage functions and
-    recording its source (as build-latents does), so verify-store can repair it."""
+    """A complete store of the first 96 digits in 3 shards, recording its source (as build-latents does), so
+    verify-store can repair it: the 96 files are linked into a tree of their own, the store's whole source."""
     source = images.write_digits(Root(root).images("digits"))
     files = source.files[:NUM_IMAGES]
     small = Root(root).images("digits-96")
@@ -31,27 +31,7 @@ def build_digits_store(root: str) -> str:
         os.makedirs(os.path.join(fsys_dst, os.path.dirname(f.relpath)), exist_ok=True)
         os.link(os.path.join(fsys_src, f.relpath), os.path.join(fsys_dst, f.relpath))
     source = images.list_images(small)
-    spec = AutoencoderSpec("pixels")
-    info = describe(spec, image_channels=1, resolution=8)
-    url = Root(root).latent_store("digits-96")
-    attrs = {
-        "autoencoder": info.identity,
-        "latent_scale": info.latent_scale,
-        "latent_shift": info.latent_shift,
-        "pixel_range": [-1.0, 1.0],
-        "crop": images.CROP_RECIPE,
-        "resolution": 8,
-        "image_channels": 1,
-        "flip": "stored",
-        "class_names": list(source.class_names),
-        "dataset_fingerprint": source.fingerprint,
-        "source_url": source.url,
-    }
-    latents.create(url, len(source), info.latent_shape, "float32", SHARD, attrs)
-    for index, lo in enumerate(range(0, len(source), SHARD)):
-        encode_shard(url, index, source.url, source.files[lo : lo + SHARD], spec)
-    latents.finalize(url)
-    return url
+    return pixels_store(Root(root).latent_store("digits-96"), source, shard_size=SHARD, record_source=True)
 
 
 @pytest.fixture

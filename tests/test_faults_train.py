@@ -20,7 +20,8 @@ from storage.latent_dataset import LatentDataset
 from storage.layout import Root
 from storage.train_log import read_train_log
 from tasks.train import train_run
-from tests.test_train import build_tiny_store, config, losses
+from tests.stores import digits_store
+from tests.test_train import config, losses
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("faults-train"))
-    build_tiny_store(root)
+    digits_store(root)
     return root
 
 
@@ -70,7 +71,7 @@ def test_a_flipped_trainer_file_is_passed_over_for_the_newest_intact_checkpoint(
 def test_non_finite_losses_stop_training_before_a_commit_and_are_logged_as_strict_json(root, tmp_path):
     # A store whose checksums are right but whose data holds one enormous value, met first at step 4
     bad_root = str(tmp_path / "bad-root")
-    url = build_tiny_store(bad_root)
+    url = digits_store(bad_root)
     ds = LatentDataset(url)
     row = int(ds.permutation(0)[3 * 16])  # global batch index 3 = the 4th step
     group = zarr.open_group(fs.local_path(url), mode="r+")

@@ -315,26 +315,13 @@ def test_trainer_process_trains_on_cuda_and_writes_a_checkpoint(tmp_path):
     assert next(model.parameters()).device.type == DEV
 
 
-def test_sd_vae_encodes_and_decodes_under_bf16_autocast_on_cuda(tmp_path):
+def test_sd_vae_encodes_and_decodes_under_bf16_autocast_on_cuda(tiny_vae_dir):
     """storage.autoencoders.SDVAE on cuda runs under bf16 autocast and hands back float32 on the CPU, close
     to its fp32 results (a tiny random AutoencoderKL: no weights to fetch)."""
-    from diffusers import AutoencoderKL
-
     from storage.autoencoders import SDVAE
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=16,
-    )
-    path = str(tmp_path / "tiny-vae")
-    vae.save_pretrained(path)
-    gpu, cpu = SDVAE(path, torch.device(DEV)), SDVAE(path, torch.device("cpu"))
+    gpu, cpu = SDVAE(tiny_vae_dir, torch.device(DEV)), SDVAE(tiny_vae_dir, torch.device("cpu"))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, std = gpu.encode(x)
     mean32, std32 = cpu.encode(x)

@@ -16,7 +16,6 @@ import zarr
 from storage import latents
 from storage.fs import filesystem
 from storage.latent_dataset import LatentDataset, sample_noise
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 
 N, SHARD, SHAPE = 100, 16, (2, 4, 4)  # 7 shards, the last one short (4 rows)
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "latent-store.md"
@@ -142,7 +141,7 @@ def test_finalize_names_missing_shards_and_rejects_wrong_shapes(tmp_path) -> Non
         latents.create(str(tmp_path / "t.zarr"), N, SHAPE, "float32", SHARD, {"crop": "x"})
 
 
-def test_s3_round_trip_with_plain_zarr(s3_bucket: str, moto_endpoint: str) -> None:  # noqa: F811
+def test_s3_round_trip_with_plain_zarr(s3_bucket: str, moto_endpoint: str) -> None:
     url = f"{s3_bucket}/latents/s.zarr"
     _build(url, "float16")
     assert latents.is_complete(url)

@@ -13,7 +13,6 @@ from storage import latents
 from storage.fs import filesystem
 from storage.latent_dataset import LatentDataset
 from storage.latents import StoreCorruptError
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
 
 NUM_ROWS, SHARD, SHAPE = 300, 64, (4, 4, 4)  # 5 shards, the last one short
 
@@ -23,7 +22,7 @@ def make_store(url: str) -> str:
     return url
 
 
-def test_streaming_is_the_in_memory_reader_bit_for_bit(s3_bucket: str, tmp_path) -> None:  # noqa: F811
+def test_streaming_is_the_in_memory_reader_bit_for_bit(s3_bucket: str, tmp_path) -> None:
     store = make_store(f"{s3_bucket}/latents/synthetic.zarr")
     cache = str(tmp_path / "node-cache")
     memory = LatentDataset(store, seed=3, in_memory=True)

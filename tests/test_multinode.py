@@ -18,8 +18,8 @@ from storage.layout import Root
 from storage.train_log import read_train_log
 from tasks.train import NodeLaunch, launch_command, train_run
 from tasks.train_nodes import node_argv
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.test_train import STORE, build_tiny_store, config
+from tests.stores import TINY_STORE, digits_store
+from tests.test_train import config
 
 
 def test_node_launch_command_and_config() -> None:
@@ -58,9 +58,9 @@ def _traced_batches(trace: str) -> dict[int, tuple[int, torch.Tensor, torch.Tens
 
 
 @pytest.mark.slow
-def test_two_nodes_then_resume_on_one(prefect_harness, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_two_nodes_then_resume_on_one(prefect_harness, tmp_path, monkeypatch) -> None:
     root = str(tmp_path / "root")
-    store = build_tiny_store(root)
+    store = digits_store(root)
     trace = tmp_path / "trace"
     trace.mkdir()
     monkeypatch.setenv("DUMO_BATCH_TRACE", str(trace))  # inherited by the launchers and their ranks
@@ -92,4 +92,4 @@ def test_two_nodes_then_resume_on_one(prefect_harness, tmp_path, monkeypatch) ->
     for step in range(6):
         x, y = reader.global_batch(step, cfg.train.batch_size_global)
         assert torch.equal(seen[step][1], x) and torch.equal(seen[step][2], y), f"step {step}"
-    assert Root(root).latent_store(STORE) == store
+    assert Root(root).latent_store(TINY_STORE) == store

@@ -20,21 +20,21 @@ from storage import checkpoints as ckpts
 from storage import fs
 from storage.layout import Root
 from storage.reference_stats import read_reference_npz
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from tests.test_train import STORE, build_tiny_store, config
+from tests.stores import TINY_STORE, digits_store
+from tests.test_train import config
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("outputs-root"))
-    build_tiny_store(root)
+    digits_store(root)
     return root
 
 
 def test_xarray_opens_the_latent_store(tiny_root: str) -> None:
     import xarray as xr
 
-    path = fs.local_path(Root(tiny_root).latent_store(STORE))
+    path = fs.local_path(Root(tiny_root).latent_store(TINY_STORE))
     ds = xr.open_zarr(path, consolidated=True)  # consolidated metadata present: one read lists every array
     assert ds["mean"].dims == ("sample", "flip", "channel", "y", "x")
     assert ds["std"].dims == ds["mean"].dims

@@ -26,8 +26,9 @@ from tasks.config import load_config
 from tasks.export import export_checkpoint
 from tasks.modeling import config_dict, resume_config
 from tasks.sample import SampleRequest, load_checkpoint_model, sample_checkpoint, store_autoencoder
+from tests.stores import digits_store
 from tests.test_pretrained import RefDiT
-from tests.test_train import build_tiny_store, config
+from tests.test_train import config
 
 SMALL = dict(hidden_size=32, depth=2, num_heads=2)  # test_train's network: in_channels 1, 8x8, 10 classes
 
@@ -35,7 +36,7 @@ SMALL = dict(hidden_size=32, depth=2, num_heads=2)  # test_train's network: in_c
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("sample-root"))
-    build_tiny_store(url)
+    digits_store(url)
     return url
 
 

@@ -27,8 +27,6 @@ from pydantic import ValidationError
 
 from storage import checkpoints as ckpts
 from storage import fs, latents
-from storage.autoencoders import AutoencoderSpec, describe, encode_files
-from storage.images import CROP_RECIPE, PIXEL_RANGE, fingerprint, write_digits
 from storage.layout import Root
 from storage.train_log import read_train_log
 from tasks import train as train_mod
@@ -36,45 +34,15 @@ from tasks.config import load_config
 from tasks.ranks.distributed import consolidated_weights, deepspeed_config
 from tasks.ranks.trainer import step_generator
 from tasks.train import launch_command, train_run
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (a fixture)
-from tests.s3_fixtures import moto_endpoint, s3_bucket  # noqa: F401  (fixtures)
+from tests.stores import TINY_IMAGES, TINY_STORE, digits_store
 
-STORE = "digits-tiny"
-NUM_IMAGES = 128
-
-
-def build_tiny_store(root: str, num_images: int = NUM_IMAGES, shard_size: int = 64) -> str:
-    """A complete latent store of ``num_images`` digits (every k-th, so all ten classes), written with the
-    store's own stage functions: create -> write_shard per shard -> finalize."""
-    source = write_digits(Root(root).images("digits"))
-    files = source.files[:: len(source.files) // num_images][:num_images]
-    spec = AutoencoderSpec("pixels")
-    info = describe(spec, image_channels=1, resolution=8)
-    url = Root(root).latent_store(STORE)
-    attrs = {
-        "autoencoder": info.identity,
-        "latent_scale": info.latent_scale,
-        "latent_shift": info.latent_shift,
-        "pixel_range": list(PIXEL_RANGE),
-        "crop": CROP_RECIPE,
-        "resolution": 8,
-        "image_channels": 1,
-        "flip": "stored",
-        "class_names": list(source.class_names),
-        "dataset_fingerprint": fingerprint(files),
-    }
-    latents.create(url, len(files), info.latent_shape, "float32", shard_size, attrs)
-    for index, lo in enumerate(range(0, len(files), shard_size)):
-        rows = encode_files(source.url, files[lo : lo + shard_size], spec, info, 8, lo)
-        latents.write_shard(url, index, rows.mean, rows.std, rows.label, rows.source)
-    latents.finalize(url)
-    return url
+STORE, NUM_IMAGES = TINY_STORE, TINY_IMAGES
 
 
 @pytest.fixture(scope="session")
 def store_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("train-root"))
-    build_tiny_store(root)
+    digits_store(root)
     return root
 
 
@@ -255,11 +223,11 @@ def test_two_ranks_zero2_from_the_store(zero2_run, store_root):
     assert fs.read_bytes(run.loss_curve)[:4] == b"\x89PNG"
 
 
-def _worker_processes(run_name: str) -> list[psutil.Process]:
-    found = []
+def _worker_processes(root: str, run_name: str) -> list[psutil.Process]:
+    found = []  # matched on the root too: a run of the same name elsewhere (another pytest) is not ours
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "tasks.ranks" in cmd and run_name in cmd:
+        if "tasks.ranks" in cmd and run_name in cmd and any(root in arg for arg in cmd):
             found.append(p)
     return found
 
@@ -288,7 +256,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(zero2_run, store_
     thread.join(60)
     assert "killed by SIGKILL" in str(outcome["error"])
     deadline = time.monotonic() + 20
-    while _worker_processes("z2-killed"):  # the ranks die with their launcher (PR_SET_PDEATHSIG)
+    while _worker_processes(store_root, "z2-killed"):  # the ranks die with their launcher (PR_SET_PDEATHSIG)
         assert time.monotonic() < deadline, "ranks outlived their killed launcher"
         time.sleep(0.2)
 
@@ -358,7 +326,7 @@ def test_zero3_save_consolidate_and_refuse_another_world_size(store_root, monkey
 
 
 @pytest.mark.slow
-def test_checkpoints_on_s3_and_resume_from_them(store_root, s3_bucket, monkeypatch):  # noqa: F811
+def test_checkpoints_on_s3_and_resume_from_them(store_root, s3_bucket, monkeypatch):
     root = f"{s3_bucket}/root"
     fs.upload_dir(fs.local_path(Root(store_root).latent_store(STORE)), Root(root).latent_store(STORE))
     events: list[tuple] = []
@@ -402,7 +370,7 @@ def test_a_failing_rank_fails_the_task_with_its_error(zero2_run, store_root):
 
 
 @pytest.mark.slow
-def test_train_flow_emits_checkpoint_events(prefect_harness, store_root, tmp_path):  # noqa: F811
+def test_train_flow_emits_checkpoint_events(prefect_harness, store_root, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
     from prefect.events.worker import EventsWorker

@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 
 from tasks.zombies import MISSED_BEATS, NAME, ensure_crash_automation
-from tests.prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
