@@ -50,6 +50,10 @@ class Root:
     def images(self, name: str) -> str:
         return self.join("images", name)
 
+    def digits_images(self, upscale: int = 1) -> str:
+        """Where the builtin digits tree is written (each upscale factor its own tree)."""
+        return self.images("digits" if upscale == 1 else f"digits-x{upscale}")
+
     @property
     def runs(self) -> str:
         return self.join("runs")

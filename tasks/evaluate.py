@@ -34,13 +34,14 @@ from dumo_model.features import FEATURE_EXTRACTORS, ClassifierExtractor, Extract
 from dumo_model.metrics import NN_MAX_QUERIES, Reference, Scores, gaussian_stats, real_baseline, score, to_uint8
 from dumo_model.samplers import SamplerConfig, sample
 from storage import checkpoints, fs, latents, metrics, reference_stats
-from storage.autoencoders import AutoencoderSpec, describe, file_digest, get_autoencoder
+from storage.autoencoders import file_digest
 from storage.layout import Root, run_of_checkpoint
 from storage.reference_stats import Bundle, RealImages
 from tasks import artifacts
 from tasks.config import DataConfig, EvalConfig, config_from_yaml_text
 from tasks.progress import Progress, run_logger
 from tasks.run_context import in_prefect_run
+from tasks.sample import load_checkpoint_model, store_autoencoder
 
 log = logging.getLogger("dumo.evaluate")
 
@@ -367,24 +368,7 @@ def evaluate_checkpoint(
 def _load_model(url: str, device: torch.device) -> torch.nn.Module:
     """The checkpoint's EMA network, as ``dumo sample`` loads it (one loader, one refusal for weights that do
     not fit)."""
-    from tasks.sample import load_checkpoint_model
-
     return load_checkpoint_model(url, "ema", device)
-
-
-def _autoencoder(attrs: dict[str, Any], data: DataConfig) -> Any:
-    """The store's autoencoder; an SD-VAE must be the very weights the store was encoded with."""
-    identity = attrs["autoencoder"]
-    vae = (data.vae or identity.get("id")) if identity["name"] == "sd-vae" else None
-    spec = AutoencoderSpec(identity["name"], vae)
-    if spec.name == "sd-vae":
-        found = describe(spec, int(attrs["image_channels"]), int(attrs["resolution"])).identity
-        if found["weights_digest"] != identity["weights_digest"]:
-            raise ValueError(
-                f"VAE {spec.vae} is not the one the store was encoded with "
-                f"({found['weights_digest']} != {identity['weights_digest']})"
-            )
-    return get_autoencoder(spec)
 
 
 def _tree_urls(root: Root, attrs: dict[str, Any], data: DataConfig) -> list[str]:
@@ -393,7 +377,7 @@ def _tree_urls(root: Root, attrs: dict[str, Any], data: DataConfig) -> list[str]
     candidate is checked against the store's dataset fingerprint before use."""
     urls = [attrs[k] for k in ("source_url", "source") if isinstance(attrs.get(k), str) and attrs[k]]
     if data.source == "builtin:digits":
-        urls.append(root.images("digits" if data.upscale == 1 else f"digits-x{data.upscale}"))
+        urls.append(root.digits_images(data.upscale))
     elif not data.source.startswith("builtin:"):
         urls.append(data.source)
     return list(dict.fromkeys(urls))
@@ -423,7 +407,7 @@ def _evaluate(
     num_classes = model.cfg.num_classes
     if len(attrs["class_names"]) != num_classes:
         raise ValueError(f"{url} has {num_classes} classes, its store {store_url} {len(attrs['class_names'])}")
-    ae = _autoencoder(attrs, data)
+    ae = store_autoencoder(attrs, data.vae)
     try:
         real = load_real_images(root, store_url, _tree_urls(root, attrs, data))
     except FileNotFoundError:

@@ -35,8 +35,7 @@ def source_and_store(root_url: str, data: DataConfig) -> DataLocation:
     root = Root(root_url)
     source = data.source
     if source == BUILTIN_DIGITS:
-        name = "digits" if data.upscale == 1 else f"digits-x{data.upscale}"
-        source = root.images(name)
+        source = root.digits_images(data.upscale)
         if not fs.exists(fs.join(source, "9")):  # the last class folder is written last
             tree = images.write_digits(source, upscale=data.upscale)
             log.info(f"wrote the scikit-learn digits tree: {len(tree.files)} images in {source}")
