@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-import s3fs
 
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
@@ -31,6 +30,8 @@ def moto_endpoint() -> Iterator[str]:
 def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh empty bucket, ``s3://<name>``, with the environment that storage.fs reads (endpoint and
     credentials) set for this test only. moto's state is reset first."""
+    import s3fs  # here, not at the top: conftest registers this fixture for every test, also where no s3fs is
+
     for name, value in TEST_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
