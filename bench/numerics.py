@@ -298,9 +298,9 @@ def main() -> int:
         url = f"{url}/{steps[-1]}" if steps else url
     demo = build_model("debug", hidden_size=128, depth=4, num_heads=4, time_scale=1.0)  # configs/demo.yaml's
     if "demo" in args.parts:
-        from tasks.evaluate import _load_model  # storage and evaluation: only for the trained checkpoint
+        from tasks.sample import load_checkpoint_model  # storage: only for the trained checkpoint
 
-        demo = _load_model(url, torch.device("cpu"))  # the EMA weights, as evaluation loads them
+        demo = load_checkpoint_model(url, "ema", torch.device("cpu"))  # the EMA weights, as evaluation loads them
     if "demo" in args.parts:
         rows += measure(f"demo trained ({Path(url).name})", demo, 64)
         for ts in (1.0, 1000.0):

@@ -3,8 +3,10 @@
 Which module is which (a newcomer's map; tests/test_layout_rules.py keeps the import direction):
 - a stage's Prefect tasks, each a few lines over the code beside it or below: ``encode`` (build-latents),
   ``train`` (launch and follow the rank processes), ``train_nodes``, ``evaluate`` (its tasks close the
-  module; above them the one evaluation: protocol, reference statistics, sampling and scoring), ``compare``,
+  module; above them the record, the protocol and the one evaluation: sampling and scoring), ``compare``,
   ``pipeline`` (where the data is, the run's summary);
+- no Prefect, once per dataset: ``reference`` (real images, feature extractor and its statistics, which
+  every evaluation scores against);
 - no Prefect, run inside each DeepSpeed rank process: ``ranks/`` (``python -m tasks.ranks``);
 - no Prefect, one process: ``sample`` and ``export`` (``dumo sample`` / ``dumo export``), ``modeling`` (the
   network of a run);

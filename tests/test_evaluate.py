@@ -36,11 +36,10 @@ from tasks.evaluate import (
     EvalRecord,
     evaluate_checkpoint,
     find_unevaluated,
-    load_real_images,
-    prepare,
     protocol_hash,
 )
 from tasks.modeling import config_dict
+from tasks.reference import load_real_images, prepare
 from tests.stores import pixels_store
 
 RUN = "tiny"
