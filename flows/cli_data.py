@@ -6,12 +6,7 @@ import argparse
 import json
 
 from flows.cli_common import DeferredChoices
-
-
-def _autoencoders() -> list[str]:
-    from tasks.cli_support import autoencoder_names
-
-    return autoencoder_names()
+from tasks.cli_support import autoencoder_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", metavar="STORE", help="latent store URL, normally <root>/latents/<name>.zarr")
     p.add_argument(
         "--autoencoder",
-        choices=DeferredChoices(_autoencoders),
+        choices=DeferredChoices(autoencoder_names),
         metavar="NAME",
         required=True,
         help="one of %(choices)s. pixels: the cropped pixels themselves; sd-vae: a diffusers AutoencoderKL (needs"

@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flows.cli_common import DeferredChoices, add_prefect_switch
-
-
-def _feature_extractors() -> list[str]:
-    from tasks.cli_support import feature_extractor_names
-
-    return feature_extractor_names()
+from tasks.cli_support import feature_extractor_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--feature-extractor",
-        choices=DeferredChoices(_feature_extractors),
+        choices=DeferredChoices(feature_extractor_names),
         metavar="NAME",
         help="classifier: a small CNN trained once on the dataset's labelled images (offline; FID in "
         "its feature space, class accuracy); inception-v3-compat: torch-fidelity's Inception-v3 (FID, "

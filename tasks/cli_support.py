@@ -30,6 +30,20 @@ def objective_names() -> list[str]:
     return list(HEADS_OF_OBJECTIVE)
 
 
+def autoencoder_names() -> list[str]:
+    """The autoencoders a latent store can be built with (storage.autoencoders.AUTOENCODERS, the one list)."""
+    from storage.autoencoders import AUTOENCODERS
+
+    return list(AUTOENCODERS)
+
+
+def feature_extractor_names() -> list[str]:
+    """The feature extractors an evaluation can score in (dumo_model.features.FEATURE_EXTRACTORS, the one list)."""
+    from dumo_model.features import FEATURE_EXTRACTORS
+
+    return list(FEATURE_EXTRACTORS)
+
+
 # --- refusing a bad input before any flow starts -------------------------------------------------------
 def is_refused_store(exc: BaseException) -> bool:
     """A latent store that is absent, incomplete or built differently (storage's StoreError)."""
@@ -123,17 +137,3 @@ def evaluation_files(eval_dir: str) -> dict[str, str]:
         "grid": fs.display(fs.join(eval_dir, GRID_FILE)),
         "metrics": fs.display(fs.join(eval_dir, METRICS_FILE)),
     }
-
-
-def autoencoder_names() -> list[str]:
-    """The autoencoders a latent store can be built with (storage.autoencoders.AUTOENCODERS, the one list)."""
-    from storage.autoencoders import AUTOENCODERS
-
-    return list(AUTOENCODERS)
-
-
-def feature_extractor_names() -> list[str]:
-    """The feature extractors an evaluation can score in (dumo_model.features.FEATURE_EXTRACTORS, the one list)."""
-    from dumo_model.features import FEATURE_EXTRACTORS
-
-    return list(FEATURE_EXTRACTORS)
