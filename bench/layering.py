@@ -6,7 +6,13 @@
 Static, from the source (ast), no imports of the project:
 - config stops: following the config from ``flows.pipeline.full_pipeline`` through the call graph, each
   project function that receives it whole or a section of it (``cfg``, ``cfg.data``, an arm's config, the
-  result of ``resolve``/``revalidate``/``config_of``...) is a stop; plus the files those functions are in;
+  result of ``resolve``/``revalidate``/``config_of``...) is a stop; plus the files those functions are in.
+  The config also crosses storage: a function that parses it (``config_from_yaml_text`` of the run's or a
+  checkpoint's config.yaml) holds it from there on, and a stop that launches a project module with a
+  ``main`` (``-m tasks.ranks``, named as a string by the stop or by any function below it) hands the
+  config to that ``main``, which reads the run's config back;
+- whole-config stops: the same, following only the whole PipelineConfig (a section handed on ends the trail:
+  the issue's target, "build_latents takes the data section");
 - functions taking the whole PipelineConfig (by annotation), and the files holding them;
 - parse sites: calls of ``load_config``, ``config_from_yaml_text`` and ``PipelineConfig.model_validate``;
 - ``dict[str, Any]`` annotations in the library.
@@ -26,6 +32,7 @@ from pathlib import Path
 PACKAGES = ("flows", "tasks", "storage", "dumo_model")
 SECTIONS = {"data", "train", "eval", "model", "compare", "config", "objective"}  # attributes that hand on config
 CONFIG_CALLS = {"config_of", "load_config", "resolve", "revalidate", "model_copy", "arm_config", "arm_configs"}
+PARSE_CALLS = {"load_config", "config_from_yaml_text"}  # a config read back from storage starts a trail
 PREFECT_CALLS = {"submit", "fn", "map", "with_options"}  # task.submit(cfg) is a call of task
 
 
@@ -66,20 +73,28 @@ def read_modules(root: Path) -> dict[str, Module]:
     return mods
 
 
-def handed_names(expr: ast.expr) -> set[str]:
-    """Names whose config an argument hands on whole: ``cfg``, ``cfg.data``, ``resolve(cfg)``, ``(a, b)``."""
+def call_name(call: ast.Call) -> str:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+
+
+def handed_names(expr: ast.expr, sections: set[str] = SECTIONS) -> set[str]:
+    """Names whose config an argument hands on: ``cfg``, ``cfg.data`` (an attribute in ``sections``),
+    ``resolve(cfg)``, ``(a, b)``; ``"*"`` for a config parsed right here."""
     if isinstance(expr, ast.Name):
         return {expr.id}
-    if isinstance(expr, ast.Attribute) and expr.attr in SECTIONS:
-        return handed_names(expr.value)
+    if isinstance(expr, ast.Attribute) and expr.attr in sections:
+        return handed_names(expr.value, sections)
     if isinstance(expr, ast.Call):
         f = expr.func
-        name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+        name = call_name(expr)
+        if name in PARSE_CALLS:
+            return {"*"}
         if name in CONFIG_CALLS:
-            out = set().union(*(handed_names(a) for a in [*expr.args, *(k.value for k in expr.keywords)]))
-            return out | (handed_names(f.value) if isinstance(f, ast.Attribute) else set())
+            out = set().union(*(handed_names(a, sections) for a in [*expr.args, *(k.value for k in expr.keywords)]))
+            return out | (handed_names(f.value, sections) if isinstance(f, ast.Attribute) else set())
     if isinstance(expr, ast.Tuple | ast.List):
-        return set().union(*(handed_names(e) for e in expr.elts))
+        return set().union(*(handed_names(e, sections) for e in expr.elts))
     return set()
 
 
@@ -87,7 +102,9 @@ def bound_names(target: ast.expr) -> set[str]:
     return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
 
 
-def follow_config(mods: dict[str, Module], start: tuple[str, str], params: set[str]) -> list[str]:
+def follow_config(
+    mods: dict[str, Module], start: tuple[str, str], params: set[str], sections: set[str] = SECTIONS
+) -> list[str]:
     stops: list[str] = []
     seen: set[tuple[str, str]] = set()
 
@@ -110,21 +127,39 @@ def follow_config(mods: dict[str, Module], start: tuple[str, str], params: set[s
                 return resolve(target, ast.Name(f.attr))
         return None
 
+    def launched(mod: str, node: ast.FunctionDef, seen: set[int] | None = None) -> set[str]:
+        """Project modules with a ``main`` named as a string (``-m tasks.ranks``) by ``node`` or by any project
+        function it calls, config or not: a stage that writes the run's config and then calls a launcher."""
+        seen = set() if seen is None else seen
+        if id(node) in seen:
+            return set()
+        seen.add(id(node))
+        out = set()
+        for n in ast.walk(node):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str):
+                names = (f"{n.value}.__main__", n.value)
+                out |= {m for m in names if "main" in getattr(mods.get(m), "funcs", {})}
+            elif isinstance(n, ast.Call) and (callee := resolve(mod, n.func)):
+                out |= launched(callee[0], callee[2], seen)
+        return out
+
     def visit(mod: str, qual: str, node: ast.FunctionDef, tainted: set[str], method: bool) -> None:
         if (mod, qual) in seen:
             return
         seen.add((mod, qual))
         stops.append(f"{mods[mod].path}:{qual}")
-        tainted = set(tainted)
+        tainted = set(tainted) | {"*"}  # "*": a config parsed in this function
         for _ in range(2):  # assignments and loops that carry the config on, in any order
             for n in ast.walk(node):
-                if isinstance(n, ast.Assign) and handed_names(n.value) & tainted:
+                if isinstance(n, ast.Assign) and handed_names(n.value, sections) & tainted:
                     tainted |= set().union(*(bound_names(t) for t in n.targets))
-                if isinstance(n, ast.For | ast.comprehension) and handed_names(n.iter) & tainted:
+                if isinstance(n, ast.For | ast.comprehension) and handed_names(n.iter, sections) & tainted:
                     tainted |= bound_names(n.target)
+        for entry in launched(mod, node):  # a process it starts (-m tasks.ranks) reads the config back
+            visit(entry, "main", mods[entry].funcs["main"], set(), False)
         for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
-            hits = [i for i, a in enumerate(call.args) if handed_names(a) & tainted]
-            kw = [k.arg for k in call.keywords if k.arg and handed_names(k.value) & tainted]
+            hits = [i for i, a in enumerate(call.args) if handed_names(a, sections) & tainted]
+            kw = [k.arg for k in call.keywords if k.arg and handed_names(k.value, sections) & tainted]
             callee = (hits or kw) and resolve(mod, call.func)
             if callee:
                 cmod, cqual, cnode, cmethod = callee
@@ -138,7 +173,9 @@ def follow_config(mods: dict[str, Module], start: tuple[str, str], params: set[s
 
 def measure(root: Path) -> dict:
     mods = read_modules(root)
-    stops = follow_config(mods, ("flows.pipeline", "full_pipeline"), {"config", "overrides"})
+    start = ("flows.pipeline", "full_pipeline")
+    stops = follow_config(mods, start, {"config", "overrides"})
+    whole_stops = follow_config(mods, start, {"config", "overrides"}, sections={"config"})
     whole: list[str] = []
     parse_sites = any_dicts = 0
     for m in mods.values():
@@ -154,11 +191,15 @@ def measure(root: Path) -> dict:
     return {
         "config_stops": len(stops),
         "config_files": len({s.split(":")[0] for s in stops}),
+        "whole_config_stops": len(whole_stops),
+        "whole_config_stop_files": len({s.split(":")[0] for s in whole_stops}),
         "whole_config_functions": len(whole),
         "whole_config_files": len({s.split(":")[0] for s in whole}),
         "parse_sites": parse_sites,
         "dict_str_any": any_dicts,
         "stops": stops,
+        "whole_stops": whole_stops,
+        "whole_functions": whole,
     }
 
 
@@ -172,12 +213,16 @@ def main() -> None:
     print(f"{'measure':<44}{'value':>8}")
     print(f"{'config from full_pipeline: stops':<44}{r['config_stops']:>8}")
     print(f"{'  ... in files':<44}{r['config_files']:>8}")
+    print(f"{'  whole config only: stops':<44}{r['whole_config_stops']:>8}")
+    print(f"{'  ... in files':<44}{r['whole_config_stop_files']:>8}")
     print(f"{'functions taking the whole PipelineConfig':<44}{r['whole_config_functions']:>8}")
     print(f"{'  ... in files':<44}{r['whole_config_files']:>8}")
     print(f"{'config parse sites':<44}{r['parse_sites']:>8}")
     print(f"{'dict[str, Any] in the library':<44}{r['dict_str_any']:>8}")
     if args.stops:
-        print("\n".join(r["stops"]))
+        print("\nconfig stops:\n  " + "\n  ".join(r["stops"]))
+        print("whole-config stops:\n  " + "\n  ".join(r["whole_stops"]))
+        print("functions taking the whole PipelineConfig:\n  " + "\n  ".join(r["whole_functions"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "-C", args.root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     Path(args.out).write_text(json.dumps({"root": args.root, "commit": commit.stdout.strip(), **r}, indent=1))

@@ -61,7 +61,7 @@ def _pipeline(config: str, overrides: list[str]) -> dict:
     from tasks.cli_support import latent_store_is_complete
     from tasks.train import preflight
 
-    if latent_store_is_complete(cfg):  # built: training's checks too
+    if latent_store_is_complete(cfg.root, cfg.data):  # built: training's checks too
         preflight(cfg)  # (batch vs store, a run that cannot resume) before Prefect starts
     from flows.cli_errors import quiet_prefect_tracebacks
     from flows.pipeline import full_pipeline

@@ -15,28 +15,30 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.build_latents import build_latents
-from tasks.config import PipelineConfig, config_of
+from tasks.config import DataConfig, EvalConfig, PipelineConfig, config_of
 from tasks.evaluate import evaluate_checkpoint, evaluate_checkpoint_task
 from tasks.pipeline import locate_data_task, summarize_task
-from tasks.train import publish_loss_curve, train_run
+from tasks.train import train_task
 
 
-def build_store(cfg: PipelineConfig) -> dict[str, Any]:
-    where = locate_data_task(cfg.root, cfg.data)
-    return build_latents(where.source, where.store, cfg.data)
+def build_store(root: str, data: DataConfig) -> dict[str, Any]:
+    """The latent store of ``data`` under ``root``, built (or found complete) from its images."""
+    where = locate_data_task(root, data)
+    return build_latents(where.source, where.store, data)
 
 
-def inline_evaluator(cfg: PipelineConfig):
-    """on_checkpoint callback: evaluate every K-th committed checkpoint while training goes on."""
-    every = cfg.eval.every_checkpoints
+def inline_evaluator(protocol: EvalConfig, num_steps: int):
+    """on_checkpoint callback: evaluate every K-th committed checkpoint before step ``num_steps`` while
+    training goes on (``protocol.every_checkpoints``; the final one is evaluated after training)."""
+    every = protocol.every_checkpoints
     if not every:
         return None
     seen = {"n": 0}
 
     def on_checkpoint(url: str, step: int) -> None:
         seen["n"] += 1
-        if seen["n"] % every == 0 and step < cfg.train.num_steps:  # the final one is evaluated after training
-            evaluate_checkpoint(url, cfg.eval)
+        if seen["n"] % every == 0 and step < num_steps:
+            evaluate_checkpoint(url, protocol)
 
     return on_checkpoint
 
@@ -53,11 +55,10 @@ def full_pipeline(config: str | PipelineConfig = "demo", overrides: list[str] | 
         f"run {cfg.name} on root {cfg.root}: {cfg.objective.name} {cfg.model.preset}, "
         f"{cfg.train.num_steps} steps of {cfg.train.batch_size_global} on {cfg.train.world_size} ranks"
     )
-    build = build_store(cfg)
-    train = train_run(cfg, on_checkpoint=inline_evaluator(cfg))
-    publish_loss_curve(cfg)
+    build = build_store(cfg.root, cfg.data)
+    train = train_task(cfg, on_checkpoint=inline_evaluator(cfg.eval, cfg.train.num_steps))
     record = evaluate_checkpoint_task(train.checkpoint_url, cfg.eval)
-    summary = summarize_task(cfg, build, train, record)
+    summary = summarize_task(cfg.name, build, train, record)
     logger.info(f"run {cfg.name} done: results table, sample grid and loss curve in this flow run's artifacts")
     return summary
 

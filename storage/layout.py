@@ -81,6 +81,14 @@ class RunLayout:
     root: Root
     name: str
 
+    @classmethod
+    def of_url(cls, run_url: str) -> RunLayout:
+        """The layout of ``<root>/runs/<name>`` (a ``RunLayout.url``)."""
+        parts = normalize(run_url).split("/")
+        if len(parts) < 3 or parts[-2] != "runs" or not parts[-1]:
+            raise ValueError(f"not a run URL of the run layout (…/runs/<run>): {run_url}")
+        return cls(Root("/".join(parts[:-2])), parts[-1])
+
     @property
     def url(self) -> str:
         return self.root.join("runs", self.name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+    from tasks.config import DataConfig
 
 
 # --- choices the command line offers, read from where each is declared ---------------------------------
@@ -60,12 +60,13 @@ def require_image_tree(url: str) -> None:
         raise FileNotFoundError(f"image tree {url} does not exist: give a folder SOURCE/<class>/<image>")
 
 
-def latent_store_is_complete(cfg: PipelineConfig) -> bool:
-    """Whether the config's latent store is built and finalized (then training's own checks can run early)."""
+def latent_store_is_complete(root: str, data: DataConfig) -> bool:
+    """Whether the latent store of ``data`` under ``root`` is built and finalized (then training's own checks
+    can run early)."""
     from storage import latents
     from storage.layout import Root
 
-    return latents.is_complete(Root(cfg.root).latent_store(cfg.data.store_name))
+    return latents.is_complete(Root(root).latent_store(data.store_name))
 
 
 # --- the work of the single-process commands -----------------------------------------------------------

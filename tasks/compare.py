@@ -66,18 +66,18 @@ class ArmResult:
     train_seconds: float | None = None
 
 
-def samplers_of(arm: str, cfg: PipelineConfig) -> tuple[SamplerConfig, ...]:
-    """Flow matching has only a velocity: multi-step Euler. The u-head arms: 1 and 2 steps."""
+def samplers_of(arm: str, euler_steps: tuple[int, ...]) -> tuple[SamplerConfig, ...]:
+    """Flow matching has only a velocity: Euler with each of ``euler_steps``. The u-head arms: 1 and 2 steps."""
     if arm == "flow_matching":
-        return tuple(SamplerConfig("euler", num_steps=n) for n in cfg.compare.euler_steps)
+        return tuple(SamplerConfig("euler", num_steps=n) for n in euler_steps)
     return (SamplerConfig("one_step"), SamplerConfig("two_step"))
 
 
-def store_shape(cfg: PipelineConfig) -> tuple[int, int, int]:
-    """(C, H, W) of the run's latent store."""
+def store_shape(store_url: str) -> tuple[int, int, int]:
+    """(C, H, W) of the latent store at ``store_url``."""
     from storage import latents
 
-    return latents.open_store(Root(cfg.root).latent_store(cfg.data.store_name)).latent_shape
+    return latents.open_store(store_url).latent_shape
 
 
 def arm_config(cfg: PipelineConfig, arm: str, seed: int, steps: int) -> PipelineConfig:
@@ -88,7 +88,7 @@ def arm_config(cfg: PipelineConfig, arm: str, seed: int, steps: int) -> Pipeline
         "objective.name": arm,
         "train.seed": seed,
         "train.num_steps": steps,
-        "eval.samplers": samplers_of(arm, cfg),
+        "eval.samplers": samplers_of(arm, cfg.compare.euler_steps),
         "eval.protocol": f"{cfg.eval.protocol}-compare",
     }
     if arm == "meanflow":
@@ -104,9 +104,10 @@ def steps_for_compute(cfg: PipelineConfig, arm: str, passes: int, latent_shape: 
     num_classes = 10  # the label table's FLOPs are none: any count gives the same network cost
 
     def flops(c: PipelineConfig) -> float:
-        return train_step_flops(dit_config(c, latent_shape, num_classes), c.objective)
+        return train_step_flops(dit_config(c.model, c.heads, latent_shape, num_classes), c.objective)
 
-    ref = forward_flops(dit_config(arm_config(cfg, "flow_matching", 0, 1), latent_shape, num_classes))["total"]
+    fm = arm_config(cfg, "flow_matching", 0, 1)
+    ref = forward_flops(dit_config(fm.model, fm.heads, latent_shape, num_classes))["total"]
     return max(1, round(passes * ref / flops(arm_config(cfg, arm, 0, 1))))
 
 
@@ -272,9 +273,9 @@ def plot_png(rows: list[Row]) -> bytes:
     return buf.getvalue()
 
 
-def write_comparison(cfg: PipelineConfig, arms: list[Arm], results: list[ArmResult]) -> dict:
+def write_comparison(root: str, name: str, arms: list[Arm], results: list[ArmResult]) -> dict:
     """table.md, results.json, plot.png and each arm's resolved config under <root>/comparisons/<name>/."""
-    out = Root(cfg.root).comparison(cfg.name)
+    out = Root(root).comparison(name)
     rows = summarize(results)
     real = results[0].record.real if results else None
     table = markdown_table(rows, real)
@@ -283,7 +284,7 @@ def write_comparison(cfg: PipelineConfig, arms: list[Arm], results: list[ArmResu
     for a in arms:
         fs.write_text(fs.join(out, "configs", f"{a.config.name}.yaml"), a.config.to_yaml())
     payload = {
-        "name": cfg.name,
+        "name": name,
         "rows": [asdict(r) for r in rows],
         "real": None if real is None else asdict(real),
         "winner_1_step_class_accuracy": winner(rows),
@@ -306,13 +307,14 @@ def write_comparison(cfg: PipelineConfig, arms: list[Arm], results: list[ArmResu
 
 
 @task(name="publish-comparison", cache_policy=NO_CACHE)
-def publish_comparison_task(cfg: PipelineConfig, arms: list[Arm], results: list[ArmResult]) -> dict:
+def publish_comparison_task(root: str, name: str, arms: list[Arm], results: list[ArmResult]) -> dict:
+    """The comparison ``name`` written under ``root`` (write_comparison) and published as an artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    written = write_comparison(cfg, arms, results)
-    key = "dumo-compare-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.name.lower())
+    written = write_comparison(root, name, arms, results)
+    key = "dumo-compare-" + "".join(ch if ch.isalnum() else "-" for ch in name.lower())
     create_markdown_artifact(
-        markdown=f"## Equal-budget comparison `{cfg.name}`\n\n{written['table']}\n"
+        markdown=f"## Equal-budget comparison `{name}`\n\n{written['table']}\n"
         f"Plot: `{fs.join(written['dir'], 'plot.png')}`",
         key=key,
     )

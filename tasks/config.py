@@ -132,6 +132,12 @@ class ModelSection(BaseModel):
     def overrides(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    def time_scale_for(self, heads: str) -> float:
+        """model.time_scale, or when unset: 1 for a network with a u head, the preset's (DiT's 1000) without."""
+        if self.overrides.get("time_scale") is not None:
+            return float(self.overrides["time_scale"])
+        return U_HEAD_TIME_SCALE if heads != "v" else model_config(self.preset).time_scale
+
     @property
     def source_format(self) -> Literal["dit", "sit"]:
         """The format of model.init_from: init_format, or told by the file name (SiT-XL-2-256x256.pt)."""
@@ -280,10 +286,7 @@ class PipelineConfig(Section):
 
     @property
     def time_scale(self) -> float:
-        """model.time_scale, or when unset: 1 for a network with a u head, the preset's (DiT's 1000) without."""
-        if self.model.overrides.get("time_scale") is not None:
-            return float(self.model.overrides["time_scale"])
-        return U_HEAD_TIME_SCALE if self.heads != "v" else model_config(self.model.preset).time_scale
+        return self.model.time_scale_for(self.heads)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -14,7 +14,6 @@ from storage import checkpoints, fs
 from storage.metrics import format_table
 from storage.outputs import step_records
 from storage.pretrained import write_export
-from tasks.config import PipelineConfig
 from tasks.sample import Weights, load_checkpoint_model, run_context, store_attrs
 
 log = logging.getLogger("dumo.export")
@@ -47,14 +46,15 @@ def export_checkpoint(url: str, out_dir: str, weights: Weights = "ema", drop_v_h
         "resolution": attrs.get("resolution"),
         "class_names": list(attrs.get("class_names") or []),
     }
-    card = model_card(cfg, provenance, asdict(model_cfg), records)
+    card = model_card(provenance, asdict(model_cfg), records)
     files = write_export(out_dir, state, config_json(model_cfg, provenance), card)
     n = sum(v.numel() for v in state.values())
     log.info(f"{run} step {step}: {weights} weights, {len(state)} tensors ({n:,d} values) exported to {out_dir}")
     return {**provenance, "files": files, "num_parameters": n}
 
 
-def model_card(cfg: PipelineConfig, prov: dict[str, Any], model_cfg: dict[str, Any], records: list[dict]) -> str:
+def model_card(prov: dict[str, Any], model_cfg: dict[str, Any], records: list[dict]) -> str:
+    """README.md of an export: how to load and sample it, its network, the metrics of its weights, provenance."""
     ae = prov["autoencoder"] or {}
     lines = [
         f"# {prov['run']}, step {prov['step']}",

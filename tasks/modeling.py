@@ -1,4 +1,5 @@
-"""Build the network of a run from its config and its latent store's shape. No Prefect here."""
+"""The network of a run: built from its model section and its latent store's shape, or continued from a
+checkpoint (the resume check). No Prefect here."""
 
 from __future__ import annotations
 
@@ -6,18 +7,20 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from dumo_model.dit import LEGACY_CONFIG, DiTConfig, DualHeadDiT, config_from_dict, model_config
-from tasks.config import ModelSection, PipelineConfig
+from storage import checkpoints as ckpts
+from tasks.config import ModelSection, TrainConfig
 
 
-def dit_config(cfg: PipelineConfig, latent_shape: tuple[int, int, int], num_classes: int) -> DiTConfig:
-    """The DiTConfig of a run: preset + overrides, heads from the objective, shape from the store."""
+def dit_config(section: ModelSection, heads: str, latent_shape: tuple[int, int, int], num_classes: int) -> DiTConfig:
+    """The DiTConfig of a run: the model section's preset + overrides, ``heads`` from the objective
+    (PipelineConfig.heads), shape from the store."""
     channels, height, width = latent_shape
     if height != width:
         raise ValueError(f"latents must be square, the store has {height}x{width}")
     return model_config(
-        cfg.model.preset,
-        **{**cfg.model.overrides, "time_scale": cfg.time_scale},
-        heads=cfg.heads,
+        section.preset,
+        **{**section.overrides, "time_scale": section.time_scale_for(heads)},
+        heads=heads,
         input_size=height,
         in_channels=channels,
         num_classes=num_classes,
@@ -29,13 +32,23 @@ def model_from_dict(config: dict[str, Any]) -> DualHeadDiT:
     return DualHeadDiT(config_from_dict(config))
 
 
-def resume_config(cfg: PipelineConfig, model: DiTConfig, saved: dict[str, Any]) -> tuple[DiTConfig, dict[str, Any]]:
+def resume_config(section: ModelSection, model: DiTConfig, saved: dict[str, Any]) -> tuple[DiTConfig, dict[str, Any]]:
     """(the network a run continues with, the checkpoint's network as a complete dict). A field added since
-    the checkpoint was written (pos_embed_axes) and not set in the run's config keeps the checkpoint's value,
-    so a run begun before the field existed continues, and evaluates, on the table it was trained with."""
+    the checkpoint was written (pos_embed_axes) and not set in the run's model section keeps the checkpoint's
+    value, so a run begun before the field existed continues, and evaluates, on the table it was trained with."""
     saved_full = asdict(config_from_dict(saved))
-    adopt = {k: saved_full[k] for k in LEGACY_CONFIG if k not in cfg.model.overrides}
+    adopt = {k: saved_full[k] for k in LEGACY_CONFIG if k not in section.overrides}
     return replace(model, **adopt), saved_full
+
+
+def resume_check(train: TrainConfig, section: ModelSection, model: DiTConfig, url: str) -> tuple[DiTConfig, bool]:
+    """(the network the run continues with, whether the DeepSpeed state needs the universal format) for
+    continuing a run of ``train`` and ``section`` from the checkpoint at ``url``; raises ValueError when it
+    cannot continue. Run by the parent before any process starts and by the ranks on the checkpoint they
+    agreed on."""
+    model, saved_model = resume_config(section, model, ckpts.read_model_config(url))
+    state = ckpts.read_marker(url).get("trainer", {})
+    return model, ckpts.check_resumable(state, train, asdict(model), saved_model, url)
 
 
 def init_from_pretrained(model: DualHeadDiT, section: ModelSection) -> str:

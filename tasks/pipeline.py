@@ -11,9 +11,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import fs, images, metrics
-from storage.layout import Root
+from storage.layout import Root, RunLayout
 from storage.train_log import loss_headline
-from tasks.config import DataConfig, PipelineConfig
+from tasks.config import DataConfig
 from tasks.evaluate import EvalRecord
 from tasks.train import TrainResult
 
@@ -56,22 +56,20 @@ def _final_losses(train: TrainResult) -> str:
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
-def summarize_task(
-    cfg: PipelineConfig, build: dict[str, Any], train: TrainResult, record: EvalRecord
-) -> dict[str, Any]:
-    """The run's summary, also published as a markdown artifact."""
+def summarize_task(name: str, build: dict[str, Any], train: TrainResult, record: EvalRecord) -> dict[str, Any]:
+    """The summary of run ``name``, also published as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
     table = metrics.format_table(record.to_json())
     text = (
-        f"## dumo run `{cfg.name}`\n\nstore `{build['store']}` ({build['num_rows']} rows); "
+        f"## dumo run `{name}`\n\nstore `{build['store']}` ({build['num_rows']} rows); "
         f"trained to step {train.step} ({_final_losses(train)}, "
         f"{train.steps_per_s:.2f} steps/s); checkpoint `{train.checkpoint_url}`\n\n{table}\n"
     )
-    key = "dumo-summary-" + "".join(ch if ch.isalnum() else "-" for ch in cfg.name.lower())
-    create_markdown_artifact(markdown=text, key=key, description=f"dumo run {cfg.name}")
+    key = "dumo-summary-" + "".join(ch if ch.isalnum() else "-" for ch in name.lower())
+    create_markdown_artifact(markdown=text, key=key, description=f"dumo run {name}")
     return {
-        "run": cfg.name,
+        "run": name,
         "store": build["store"],
         "checkpoint_url": train.checkpoint_url,
         "step": train.step,
@@ -79,7 +77,7 @@ def summarize_task(
         "final_loss_v": train.final_loss_v,
         "final_loss_u": train.final_loss_u,
         "eval_dir": record.eval_dir,
-        "loss_curve": Root(cfg.root).run(cfg.name).loss_curve,
+        "loss_curve": RunLayout.of_url(train.run_url).loss_curve,
         "metrics": record.to_json()["samplers"],
         "table": table,
     }

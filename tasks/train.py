@@ -3,6 +3,9 @@
     train_run(cfg, on_checkpoint=None) -> TrainResult(run_url, checkpoint_url, step, final_loss, final_loss_v,
                                                       final_loss_u, steps_per_s)
 
+The whole config stops here: ``train_run`` resolves it and writes it into the run directory, where the ranks
+read it back; the launcher below it is given the train section and the run's layout.
+
 Launchers (``train.launcher``; ``auto`` picks by size): ``inline`` one process with RANK/WORLD_SIZE/...
 set, no launcher; ``torchrun`` N processes on this machine, or on each node of a multi-node job when
 ``train_run`` is given a ``NodeLaunch`` (one launcher per node, as SLURM's ``srun`` or a Kubernetes
@@ -42,10 +45,9 @@ from storage import checkpoints as ckpts
 from storage import fs, latents
 from storage.layout import Root, RunLayout
 from storage.train_log import read_train_log
-from tasks.config import PipelineConfig, resolve
-from tasks.modeling import dit_config
+from tasks.config import PipelineConfig, TrainConfig, resolve
+from tasks.modeling import dit_config, resume_check
 from tasks.progress import PROGRESS_EVERY_S
-from tasks.ranks.trainer import resume_check
 from tasks.run_context import in_prefect_run, run_logger
 
 EVENT = "dumo.checkpoint.saved"
@@ -124,7 +126,7 @@ def preflight(cfg: PipelineConfig, node: NodeLaunch | None = None) -> Preflight:
     num_samples = int(report.get("num_valid", info.num_rows))
     if t.batch_size_global > num_samples:
         raise ValueError(f"global batch {t.batch_size_global} > {num_samples} samples in {store_url}")
-    model = dit_config(cfg, info.latent_shape, len(info.class_names))  # raises on an impossible shape
+    model = dit_config(cfg.model, cfg.heads, info.latent_shape, len(info.class_names))  # raises on a bad shape
     if t.device == "cuda":
         import torch
 
@@ -146,7 +148,7 @@ def preflight(cfg: PipelineConfig, node: NodeLaunch | None = None) -> Preflight:
     run = Root(cfg.root).run(cfg.name)
     step = ckpts.latest(run)
     if step is not None:  # the ranks check again; failing here saves starting N processes for nothing
-        resume_check(cfg, model, run.checkpoint(step))
+        resume_check(t, cfg.model, model, run.checkpoint(step))
     elif cfg.model.init_from and not fs.exists(cfg.model.init_from):
         raise FileNotFoundError(f"model.init_from: no file at {cfg.model.init_from} (a DiT/SiT .pt or .safetensors)")
     return Preflight(store_url, num_samples, step)
@@ -159,11 +161,10 @@ def free_port() -> int:
 
 
 def launch_command(
-    cfg: PipelineConfig, port: int, env_file: str | None = None, node: NodeLaunch | None = None
+    t: TrainConfig, run: RunLayout, port: int, env_file: str | None = None, node: NodeLaunch | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv, extra environment) of the launcher for ``cfg`` (on this node of ``node``'s job)."""
-    t = cfg.train
-    worker = ["-m", "tasks.ranks", cfg.root, cfg.name]
+    """(argv, extra environment) of the launcher of ``run``'s ranks (on this node of ``node``'s job)."""
+    worker = ["-m", "tasks.ranks", run.root.url, run.name]
     if node is not None:  # torchrun's static rendezvous: global ranks in node-rank order, rank 0 on node 0
         argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(node.nnodes)]
         argv += ["--node_rank", str(node.node_rank), "--nproc_per_node", str(t.num_processes)]
@@ -300,14 +301,15 @@ def train_run(
         return TrainResult.of_run(run, steps_per_s=0.0)
     tmp = tempfile.mkdtemp(prefix="dumo-train-")
     try:
-        _launch(cfg, tmp, on_checkpoint, log, node)
+        _launch(run, t, tmp, on_checkpoint, log, node)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TrainResult.of_run(run)
 
 
 def _launch(
-    cfg: PipelineConfig,
+    run: RunLayout,
+    t: TrainConfig,
     tmp: str,
     on_checkpoint: Callable[[str, int], None] | None,
     log: Any,
@@ -315,7 +317,6 @@ def _launch(
 ) -> None:
     """Start the launcher in a process group of its own, log its output, announce each checkpoint it commits,
     and raise with the failing rank's traceback if it fails."""
-    t = cfg.train
     err_dir = os.path.join(tmp, "errors")
     env = dict(os.environ)
     env.update(DUMO_ERROR_DIR=err_dir, DS_ACCELERATOR=t.device, PYTHONUNBUFFERED="1")
@@ -330,15 +331,14 @@ def _launch(
         env_file = os.path.join(tmp, "deepspeed_env")
         with open(env_file, "w") as f:
             f.writelines(f"{k}={v}\n" for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES))
-    argv, extra = launch_command(cfg, free_port(), env_file, node)
+    argv, extra = launch_command(t, run, free_port(), env_file, node)
     env.update(extra)
-    run = Root(cfg.root).run(cfg.name)
     commits = CommitWatcher(run)  # before the ranks start: every commit of theirs is new to it
     hosts_rank_0 = node is None or node.node_rank == 0  # one launcher of a job announces its commits
 
     def announce(steps: list[int]) -> None:
         for step in steps if hosts_rank_0 else []:
-            announce_checkpoint(cfg.name, run.checkpoint(step), step, log, on_checkpoint)
+            announce_checkpoint(run.name, run.checkpoint(step), step, log, on_checkpoint)
 
     log.info("launching: " + " ".join(argv))
     proc = subprocess.Popen(
@@ -388,20 +388,21 @@ def _launch(
 
 
 @task(name="train", retries=0, cache_policy=NO_CACHE)
-def train_task(cfg: PipelineConfig, node: NodeLaunch | None = None) -> TrainResult:
+def train_task(
+    cfg: PipelineConfig, node: NodeLaunch | None = None, on_checkpoint: Callable[[str, int], None] | None = None
+) -> TrainResult:
     """Prefect task over ``train_run``. No retries: training resumes by itself when run again. The loss curve
     is published as an artifact the UI shows."""
-    result = train_run(cfg, node=node)
-    publish_loss_curve(cfg)
+    result = train_run(cfg, on_checkpoint, node)
+    publish_loss_curve(RunLayout.of_url(result.run_url))
     return result
 
 
-def publish_loss_curve(cfg: PipelineConfig) -> None:
+def publish_loss_curve(run: RunLayout) -> None:
     """runs/<run>/loss.png as a markdown artifact of the current run (nothing outside one)."""
     from tasks import artifacts
 
-    layout = Root(cfg.root).run(cfg.name)
-    if fs.exists(layout.loss_curve):
-        title = f"{cfg.name}: unweighted loss_v / loss_u (left), weighted loss (right)"
-        key = artifacts.key_of("loss", cfg.name)
-        artifacts.publish_png(key, fs.read_bytes(layout.loss_curve), title, fs.display(layout.loss_curve), title)
+    if fs.exists(run.loss_curve):
+        title = f"{run.name}: unweighted loss_v / loss_u (left), weighted loss (right)"
+        key = artifacts.key_of("loss", run.name)
+        artifacts.publish_png(key, fs.read_bytes(run.loss_curve), title, fs.display(run.loss_curve), title)

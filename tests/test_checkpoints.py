@@ -12,7 +12,7 @@ import torch
 
 from storage import checkpoints as ckpts
 from storage import fs
-from storage.layout import Root, RunLayout
+from storage.layout import Root, RunLayout, run_of_checkpoint
 
 MODEL = {"hidden_size": 8, "depth": 1}
 
@@ -117,3 +117,15 @@ def test_apply_retention_deletes_whole_directories(kind, tmp_path):
     assert ckpts.committed_steps(run) == [4, 8, 10]
     assert not fs.exists(run.checkpoint(2)) and not fs.exists(run.checkpoint(6))
     assert fs.exists(half)  # uncommitted ones are the trainer's business (cleared before that step is rewritten)
+
+
+@pytest.mark.parametrize("root", ["/tmp/dumo root", "s3://bucket/prefix", "memory://r"])
+def test_a_run_and_its_checkpoints_are_found_again_from_their_urls(root):
+    run = Root(root).run("demo")
+    assert RunLayout.of_url(run.url) == run
+    assert run_of_checkpoint(run.checkpoint(12)) == (run.root, "demo", 12)
+    for bad in (run.root.url, run.checkpoints, Root(root).latent_store("x")):
+        with pytest.raises(ValueError, match="not a run URL"):
+            RunLayout.of_url(bad)
+    with pytest.raises(ValueError, match="not a checkpoint URL"):
+        run_of_checkpoint(run.checkpoints)

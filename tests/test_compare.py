@@ -55,10 +55,11 @@ def test_equal_compute_gives_each_arm_the_steps_of_the_same_flops():
     arms = arm_configs(cfg, (1, 8, 8))
     compute = {a.arm: a for a in arms if a.budget == "2400 passes"}
     assert compute["flow_matching"].steps == 800  # 3 forward-equivalents a step
-    fm_forward = forward_flops(dit_config(compute["flow_matching"].config, (1, 8, 8), 10))["total"]
+    fm = compute["flow_matching"].config
+    fm_forward = forward_flops(dit_config(fm.model, fm.heads, (1, 8, 8), 10))["total"]
     for arm in ("meanflow", "dumo"):
         c = compute[arm].config
-        spent = compute[arm].steps * train_step_flops(dit_config(c, (1, 8, 8), 10), c.objective)
+        spent = compute[arm].steps * train_step_flops(dit_config(c.model, c.heads, (1, 8, 8), 10), c.objective)
         assert spent == pytest.approx(2400 * fm_forward, rel=0.002), arm
     # dumo's central difference: 5 forward-equivalents and a second head, so fewer than 800 * 3/5 steps
     assert compute["dumo"].steps < 480 < compute["meanflow"].steps < 800

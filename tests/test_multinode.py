@@ -14,7 +14,7 @@ import torch
 from flows.train_nodes import train_nodes_flow
 from storage import checkpoints as ckpts
 from storage.latent_dataset import LatentDataset
-from storage.layout import Root
+from storage.layout import Root, RunLayout
 from storage.train_log import read_train_log
 from tasks.train import NodeLaunch, launch_command, train_run
 from tasks.train_nodes import node_argv
@@ -26,7 +26,7 @@ def test_node_launch_command_and_config() -> None:
     node = NodeLaunch(nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29400)
     cfg = config("/tmp/root", "x", "train.num_processes=4", "train.batch_size_global=64", *node.config_overrides())
     assert cfg.train.world_size == 8 and cfg.train.launcher == "torchrun"
-    argv, env = launch_command(cfg, 1234, node=node)
+    argv, env = launch_command(cfg.train, RunLayout(Root(cfg.root), cfg.name), 1234, node=node)
     assert argv[1:3] == ["-m", "torch.distributed.run"] and env == {}
     for flag, value in (("--nnodes", "2"), ("--node_rank", "1"), ("--nproc_per_node", "4")):
         assert argv[argv.index(flag) + 1] == value

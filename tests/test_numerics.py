@@ -88,14 +88,16 @@ def test_one_bf16_deepspeed_step_of_each_preset_objective_has_a_u_target_within_
 def test_time_scale_defaults_to_raw_t_for_a_u_head_and_to_the_preset_without_one():
     dumo = load_config("demo", ["model.time_scale=null", "objective.derivative=jvp"])
     fm = load_config("demo", ["model.time_scale=null", "objective.name=flow_matching"])
-    assert dit_config(dumo, (1, 8, 8), 10).time_scale == dumo.time_scale == 1.0
-    assert (
-        dit_config(load_config("demo", ["model.time_scale=null", "objective.name=meanflow"]), (1, 8, 8), 10).time_scale
-        == 1.0
-    )
-    assert dit_config(fm, (1, 8, 8), 10).time_scale == 1000.0  # a plain DiT keeps DiT's convention
+    mf = load_config("demo", ["model.time_scale=null", "objective.name=meanflow"])
     set_ = load_config("demo", ["model.time_scale=1000", "objective.derivative=jvp"])
-    assert dit_config(set_, (1, 8, 8), 10).time_scale == 1000.0
+    scale = {
+        name: dit_config(c.model, c.heads, (1, 8, 8), 10).time_scale
+        for name, c in (("dumo", dumo), ("fm", fm), ("mf", mf), ("set", set_))
+    }
+    assert scale["dumo"] == dumo.time_scale == 1.0 and scale["mf"] == 1.0
+    assert scale["fm"] == 1000.0  # a plain DiT keeps DiT's convention
+    assert scale["set"] == 1000.0
+
     for preset in ("imagenet256-b2", "imagenet256-xl2"):
         cfg = load_config(preset)
         assert cfg.time_scale == 1.0 and cfg.objective.derivative == "jvp" and cfg.train.precision == "bf16"

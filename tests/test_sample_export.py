@@ -156,12 +156,12 @@ def test_a_checkpoint_written_before_the_switch_keeps_its_table(root) -> None:
     saved = json.loads(fs.read_text(fs.join(url, checkpoints.MODEL_FILE)))
     fresh = build_model("debug", **SMALL, input_size=8, in_channels=1, num_classes=10).cfg
     assert fresh.pos_embed_axes == "xy"
-    model_cfg, saved_full = resume_config(cfg, fresh, saved)
+    model_cfg, saved_full = resume_config(cfg.model, fresh, saved)
     assert model_cfg.pos_embed_axes == "yx"
     state = {"zero_stage": 2, "precision": "fp32", "world_size": 1}
     check_resumable(state, cfg.train, asdict(model_cfg), saved_full, url)  # no "another network"
     explicit = config(root, "legacy", *[f"model.{k}={v}" for k, v in SMALL.items()], "model.pos_embed_axes=xy")
-    model_cfg, saved_full = resume_config(explicit, fresh, saved)
+    model_cfg, saved_full = resume_config(explicit.model, fresh, saved)
     with pytest.raises(ValueError, match=r"holds another network \(differs in \['pos_embed_axes'\]\)"):
         check_resumable(state, explicit.train, asdict(model_cfg), saved_full, url)
 

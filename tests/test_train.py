@@ -94,12 +94,14 @@ def test_deepspeed_json_comes_from_the_typed_config(store_root):
     assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 3
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
     assert "optimizer" not in ds  # the client torch.optim.AdamW: no DeepSpeed op to build
-    argv, env = launch_command(config(store_root, "x"), 29500)
+    run = Root(store_root).run("x")
+    argv, env = launch_command(config(store_root, "x").train, run, 29500)
     assert argv[1:3] == ["-m", "tasks.ranks"] and env["WORLD_SIZE"] == "1"  # inline, no launcher
-    argv, _ = launch_command(cfg, 29500)
+    assert argv[3:] == [run.root.url, "x"]
+    argv, _ = launch_command(cfg.train, run, 29500)
     assert "torch.distributed.run" in argv and argv[argv.index("--nproc_per_node") + 1] == "2"
     nodes = config(store_root, "x", "train.num_nodes=2", "train.num_processes=4", "train.hostfile=/etc/hosts")
-    argv, env = launch_command(nodes, 29500, env_file="/tmp/env")
+    argv, env = launch_command(nodes.train, run, 29500, env_file="/tmp/env")
     assert argv[1:3] == ["-m", "deepspeed.launcher.runner"] and env == {"DS_ENV_FILE": "/tmp/env"}
     assert argv[argv.index("--hostfile") + 1] == "/etc/hosts" and argv[argv.index("--num_nodes") + 1] == "2"
     assert argv[argv.index("--num_gpus") + 1] == "4" and argv[-4:-2] == ["--module", "tasks.ranks"]

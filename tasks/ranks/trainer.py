@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dumo_model.dit import DiTConfig, DualHeadDiT
+from dumo_model.dit import DualHeadDiT
 from dumo_model.ema import EMA
 from dumo_model.objectives import Objective
 from storage import checkpoints as ckpts
@@ -27,7 +27,7 @@ from storage import fs
 from storage.latent_dataset import LatentDataset
 from storage.layout import Root, RunLayout
 from tasks.config import PipelineConfig
-from tasks.modeling import dit_config, init_from_pretrained, resume_config
+from tasks.modeling import dit_config, init_from_pretrained, resume_check
 from tasks.ranks.distributed import Distributed, RankEnv, create_logger, deepspeed_config, trainer_state
 from tasks.ranks.report import Window, create_report
 
@@ -57,15 +57,6 @@ def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.de
     return torch.Generator(device=device).manual_seed(int(words[0]) | int(words[1]) << 32)
 
 
-def resume_check(cfg: PipelineConfig, model: DiTConfig, url: str) -> tuple[DiTConfig, bool]:
-    """(the network the run continues with, whether the DeepSpeed state needs the universal format) for
-    continuing ``cfg`` from the checkpoint at ``url``; raises ValueError when it cannot continue. Run by the
-    parent before any process starts and by the ranks on the checkpoint they agreed on."""
-    model, saved_model = resume_config(cfg, model, ckpts.read_model_config(url))
-    state = ckpts.read_marker(url).get("trainer", {})
-    return model, ckpts.check_resumable(state, cfg.train, asdict(model), saved_model, url)
-
-
 class Trainer:
     def __init__(self, cfg: PipelineConfig, layout: RunLayout, env: RankEnv):
         self.cfg, self.t, self.layout, self.env = cfg, cfg.train, layout, env
@@ -79,7 +70,7 @@ class Trainer:
             flip=cfg.data.hflip,
         )
         self.ds.steps_per_epoch(self.t.batch_size_global)  # fails now if the store is smaller than a batch
-        self.model_cfg = dit_config(cfg, self.ds.latent_shape, self.ds.num_classes)
+        self.model_cfg = dit_config(cfg.model, cfg.heads, self.ds.latent_shape, self.ds.num_classes)
         self.config_yaml = fs.read_text(layout.config)
 
     def run(self) -> None:
@@ -137,7 +128,7 @@ class Trainer:
         if step is None:
             return 0, None, False
         url = self.layout.checkpoint(step)
-        self.model_cfg, universal = resume_check(self.cfg, self.model_cfg, url)
+        self.model_cfg, universal = resume_check(self.t, self.cfg.model, self.model_cfg, url)
         return step, url, universal
 
     def build(self, start: int, start_url: str | None, universal: bool) -> None:
