@@ -6,7 +6,7 @@ import argparse
 import json
 
 from flows.cli_common import DeferredChoices
-from tasks.cli_support import autoencoder_names
+from tasks.cli_support import autoencoder_names, bad_image_policies, device_names, latent_dtypes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,9 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--device",
-        choices=["cpu", "cuda"],
-        help="where the autoencoder runs (default: cuda when a worker sees one); cuda makes each encode task "
-        "take one GPU resource: start GPU workers with `dask worker ADDRESS --resources GPU=1`",
+        metavar="DEVICE",
+        choices=DeferredChoices(device_names),
+        help="where the autoencoder runs, %(choices)s (default: cuda when a worker sees one); cuda makes each encode"
+        " task take one GPU resource: start GPU workers with `dask worker ADDRESS --resources GPU=1`",
     )
     p.add_argument(
         "--dashboard-address",
@@ -75,15 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--on-bad-image",
-        choices=["fail", "skip"],
+        metavar="POLICY",
+        choices=DeferredChoices(bad_image_policies),
         default="fail",
-        help="a file that does not decode: fail its shard (default), or skip it and list it in the store's report",
+        help="a file that does not decode (%(choices)s): fail its shard (default), or skip it and list it in the"
+        " store's report",
     )
     p.add_argument(
         "--latent-dtype",
-        choices=["float16", "float32"],
+        metavar="DTYPE",
+        choices=DeferredChoices(latent_dtypes),
         default="float32",
-        help="dtype of the stored mean and std (default float32)",
+        help="dtype of the stored mean and std, %(choices)s (default %(default)s)",
     )
     p.add_argument(
         "--batch-size",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flows.cli_common import DeferredChoices
-from tasks.cli_support import model_info, model_presets, objective_names
+from tasks.cli_support import model_info, model_presets, objective_names, r_input_choices
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="which variant (%(choices)s; default %(default)s): dumo has two heads, meanflow a u head on (t, r), "
         "flow_matching is a plain DiT",
     )
-    p.add_argument("--r-input", choices=["interval", "zero"], default="interval", help="the r_input switch")
+    p.add_argument(
+        "--r-input",
+        metavar="R_INPUT",
+        choices=DeferredChoices(r_input_choices),
+        default="interval",
+        help="the r_input switch: %(choices)s (default %(default)s)",
+    )
     p.set_defaults(func=run)
 
 

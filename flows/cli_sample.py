@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from flows.cli_common import DeferredChoices
+from tasks.cli_support import sampler_names, weights_choices
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,10 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument(
         "--sampler",
-        choices=["one_step", "two_step", "euler", "renoise"],
+        metavar="SAMPLER",
+        choices=DeferredChoices(sampler_names),
         default="one_step",
-        help="one_step: x0 = e - u(e, 1, 0); two_step: through --t-mid; euler: --steps Euler steps of the v head; "
-        "renoise: the consistency sampler of r_input=zero models",
+        help="%(choices)s (default %(default)s). one_step: x0 = e - u(e, 1, 0); two_step: through --t-mid; "
+        "euler: --steps Euler steps of the v head; renoise: the consistency sampler of r_input=zero models",
     )
     p.add_argument("--steps", type=int, default=1, metavar="N", help="steps of euler and renoise (default 1)")
     p.add_argument("--t-mid", type=float, default=0.5, help="intermediate time of two_step (default 0.5)")
@@ -33,7 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="classifier-free guidance scale (1 = off, the default); needs a run trained with label dropout",
     )
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw DeepSpeed weights")
+    p.add_argument(
+        "--weights",
+        metavar="WEIGHTS",
+        choices=DeferredChoices(weights_choices),
+        default="ema",
+        help="%(choices)s: EMA (default) or raw DeepSpeed weights",
+    )
     p.add_argument(
         "--out", metavar="PREFIX", help="output prefix: PREFIX.png, PREFIX.npz (default <run>-step<N>-<sampler>)"
     )
@@ -51,7 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("checkpoint_url", metavar="CHECKPOINT", help="<root>/runs/<run>/checkpoints/step-XXXXXXX")
     e.add_argument("out_dir", metavar="DIR", help="output directory (any URL)")
-    e.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw DeepSpeed weights")
+    e.add_argument(
+        "--weights",
+        metavar="WEIGHTS",
+        choices=DeferredChoices(weights_choices),
+        default="ema",
+        help="%(choices)s: EMA (default) or raw DeepSpeed weights",
+    )
     e.add_argument("--drop-v-head", action="store_true", help="leave out the v head: 1- and 2-step sampling only")
     e.set_defaults(func=run_export)
 

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import zarr
@@ -39,7 +39,8 @@ import zarr.storage
 from storage.fs import exists, is_local, join, local_path, normalize, storage_options
 
 SCHEMA_VERSION = 1
-LATENT_DTYPES = ("float16", "float32")
+LatentDtype = Literal["float16", "float32"]  # of the stored mean and std
+LATENT_DTYPES: tuple[str, ...] = get_args(LatentDtype)
 # Keys a caller must give to create(); the store adds schema_version, store_id, shape and software versions.
 REQUIRED_ATTRS = (
     "autoencoder",  # {"name", "id", "revision", "weights_digest"}

@@ -9,7 +9,7 @@ torch nor zarr.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 if TYPE_CHECKING:
     from tasks.config import DataConfig
@@ -42,6 +42,48 @@ def feature_extractor_names() -> list[str]:
     from dumo_model.features import FEATURE_EXTRACTORS
 
     return list(FEATURE_EXTRACTORS)
+
+
+def device_names() -> list[str]:
+    """Where the autoencoder or the ranks run (tasks.config.Device)."""
+    from tasks.config import Device
+
+    return list(get_args(Device))
+
+
+def bad_image_policies() -> list[str]:
+    """What a file that does not decode does to its shard (storage.images.BadImagePolicy)."""
+    from storage.images import BadImagePolicy
+
+    return list(get_args(BadImagePolicy))
+
+
+def latent_dtypes() -> list[str]:
+    """The dtypes a latent store keeps its mean and std in (storage.latents.LatentDtype)."""
+    from storage.latents import LatentDtype
+
+    return list(get_args(LatentDtype))
+
+
+def sampler_names() -> list[str]:
+    """The samplers of dumo_model.samplers (SamplerName)."""
+    from dumo_model.samplers import SamplerName
+
+    return list(get_args(SamplerName))
+
+
+def weights_choices() -> list[str]:
+    """Which weights of a checkpoint are sampled or exported (tasks.sample.Weights)."""
+    from tasks.sample import Weights
+
+    return list(get_args(Weights))
+
+
+def r_input_choices() -> list[str]:
+    """What the network's second time input is (dumo_model.dit.RInput)."""
+    from dumo_model.dit import RInput
+
+    return list(get_args(RInput))
 
 
 # --- refusing a bad input before any flow starts -------------------------------------------------------

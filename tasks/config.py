@@ -23,6 +23,7 @@ from dumo_model.pretrained import TIME_SCALE
 from dumo_model.samplers import SamplerConfig
 from storage.autoencoders import AutoencoderName
 from storage.images import BadImagePolicy
+from storage.latents import LatentDtype
 from storage.layout import Root
 from tasks.config_files import CONFIG_DIR, config_presets
 
@@ -81,7 +82,7 @@ class DataConfig(Section):
     resolution: int = Field(8, ge=2)
     upscale: int = Field(1, ge=1)  # builtin:digits only: integer upscale of the 8x8 images
     shard_size: int = Field(256, ge=1)
-    latent_dtype: Literal["float16", "float32"] = "float32"
+    latent_dtype: LatentDtype = "float32"
     on_bad_image: BadImagePolicy = "fail"
     workers: int | None = Field(None, ge=1)  # Dask workers of the LocalCluster; None = sized to the machine
     dask_address: str | None = None  # an existing Dask scheduler instead of a LocalCluster

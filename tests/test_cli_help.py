@@ -60,3 +60,36 @@ def test_model_info_offers_the_declared_presets_and_objectives(
         info.parse_args(["DuMo-Z/9"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'DuMo-Z/9' (choose from 'DuMo-B/2'," in capsys.readouterr().err
+
+
+def test_every_choice_list_is_read_from_its_declaration() -> None:
+    """No ``choices=[...]`` written into flows/: each closed choice is declared once (a registry or a
+    Literal type) and the command line reads it from there, so the two cannot drift apart."""
+    import ast
+    import typing
+
+    from dumo_model.dit import RInput
+    from dumo_model.samplers import SamplerName
+    from storage.images import BadImagePolicy
+    from storage.latents import LatentDtype
+    from tasks.config import Device
+    from tasks.sample import Weights
+
+    written = []
+    for path in sorted((PROJECT / "flows").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "choices" and not isinstance(node.value, ast.Call):
+                written.append(f"{path.name}:{node.value.lineno}")
+    assert written == []
+    commands = _commands()
+
+    def offered(command: str, option: str) -> list[str]:
+        action = next(a for a in commands[command]._actions if option in a.option_strings)
+        return list(action.choices)
+
+    assert offered("build-latents", "--device") == list(typing.get_args(Device))
+    assert offered("build-latents", "--on-bad-image") == list(typing.get_args(BadImagePolicy))
+    assert offered("build-latents", "--latent-dtype") == list(typing.get_args(LatentDtype))
+    assert offered("sample", "--sampler") == list(typing.get_args(SamplerName))
+    assert offered("sample", "--weights") == offered("export", "--weights") == list(typing.get_args(Weights))
+    assert offered("model-info", "--r-input") == list(typing.get_args(RInput))
