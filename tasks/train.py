@@ -201,8 +201,8 @@ def emit_checkpoint_event(run_name: str, url: str, step: int) -> None:
 def announce_checkpoint(
     run_name: str, url: str, step: int, log: Any, on_checkpoint: Callable[[str, int], None] | None = None
 ) -> None:
-    """A commit seen: log it, call ``on_checkpoint``, emit ``dumo.checkpoint.saved`` where Prefect listens."""
-    log.info(f"checkpoint committed: step {step} at {url}")
+    """A commit seen: call ``on_checkpoint``, emit ``dumo.checkpoint.saved`` where Prefect listens. (Rank 0
+    logs the commit itself, in the output the launcher logs; a follower that sees no rank output logs it.)"""
     if on_checkpoint is not None:
         on_checkpoint(url, step)
     if _prefect_api_reachable():

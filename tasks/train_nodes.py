@@ -106,6 +106,7 @@ def follow_run(
     deadline = time.monotonic() + timeout_s
     while True:
         for step in commits.new():
+            logger.info(f"checkpoint step {step} committed at {run.checkpoint(step)}")
             announce_checkpoint(cfg.name, run.checkpoint(step), step, logger)
         latest = ckpts.latest(run)
         if latest is not None and latest >= cfg.train.num_steps:
