@@ -31,9 +31,9 @@ from dumo_model.metrics import frechet_distance, real_baseline, score
 from storage import checkpoints, fs, images, metrics, reference_stats
 from storage.layout import Root
 from tasks.config import EvalConfig, PipelineConfig
+from tasks.eval_record import EvalRecord
 from tasks.evaluate import (
     SAMPLING_STATS,
-    EvalRecord,
     evaluate_checkpoint,
     find_unevaluated,
     protocol_hash,
@@ -375,15 +375,19 @@ def test_lock_serialises_holders_and_breaks_stale_ones(kind, tmp_path, request) 
     lock = fs.join(_root_url(kind, tmp_path, request), "evals", metrics.LOCK_FILE)
     events: list[str] = []
 
+    a_holds = threading.Event()
+
     def hold(name: str, seconds: float) -> None:
         with metrics.exclusive(lock, poll_s=0.05, heartbeat_s=0.1):
             events.append(f"{name} in")
+            a_holds.set()
             time.sleep(seconds)
             events.append(f"{name} out")
 
     first = threading.Thread(target=hold, args=("a", 0.6))
     first.start()
-    time.sleep(0.3)  # "a" holds it now (and has refreshed it)
+    assert a_holds.wait(60)  # "a" holds it now, however slow the store is to answer (S3 under load)
+    time.sleep(0.3)  # and has refreshed it at least once
     hold("b", 0)
     first.join()
     assert events == ["a in", "a out", "b in", "b out"]
