@@ -29,7 +29,7 @@ from dumo_model.samplers import SamplerConfig
 from storage import fs
 from storage.layout import Root
 from tasks.config import U_HEAD_TIME_SCALE, PipelineConfig, revalidate
-from tasks.evaluate import EvalRecord
+from tasks.eval_record import EvalRecord
 from tasks.modeling import dit_config
 
 METRICS = (("class_accuracy", "class acc", True), ("fid", "FID", False), ("spread_ratio", "spread", True))

@@ -14,7 +14,7 @@ from storage import fs, images, metrics
 from storage.layout import Root, RunLayout
 from storage.train_log import loss_headline
 from tasks.config import DataConfig
-from tasks.evaluate import EvalRecord
+from tasks.eval_record import EvalRecord
 from tasks.train import TrainResult
 
 BUILTIN_DIGITS = "builtin:digits"

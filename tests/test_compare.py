@@ -24,7 +24,7 @@ from tasks.compare import (
     winner,
 )
 from tasks.config import load_config
-from tasks.evaluate import EvalRecord, SamplerResult
+from tasks.eval_record import EvalRecord, SamplerResult
 
 
 def test_arms_share_everything_but_objective_seed_and_steps():
