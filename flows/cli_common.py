@@ -14,13 +14,13 @@ class DeferredChoices(Sequence[str]):
     modules that import torch, seconds that ``dumo --help`` should not wait). Give the argument a metavar:
     without one, argparse lists the choices in the usage line while the parser is being built."""
 
-    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
-        self._load = load
+    def __init__(self, load: Callable[..., Sequence[str]], *args: str) -> None:
+        self._load, self._args = load, args
         self._items: list[str] | None = None
 
     def _all(self) -> list[str]:
         if self._items is None:
-            self._items = list(self._load())
+            self._items = list(self._load(*self._args))
         return self._items
 
     def __getitem__(self, index):  # type: ignore[override]  # Sequence's int/slice overloads

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from flows.cli_common import DeferredChoices
-from tasks.cli_support import autoencoder_names, bad_image_policies, device_names, latent_dtypes
+from tasks.cli_support import autoencoder_names, literal_choices
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         metavar="DEVICE",
-        choices=DeferredChoices(device_names),
+        choices=DeferredChoices(literal_choices, "device"),
         help="where the autoencoder runs, %(choices)s (default: cuda when a worker sees one); cuda makes each encode"
         " task take one GPU resource: start GPU workers with `dask worker ADDRESS --resources GPU=1`",
     )
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--on-bad-image",
         metavar="POLICY",
-        choices=DeferredChoices(bad_image_policies),
+        choices=DeferredChoices(literal_choices, "on_bad_image"),
         default="fail",
         help="a file that does not decode (%(choices)s): fail its shard (default), or skip it and list it in the"
         " store's report",
@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--latent-dtype",
         metavar="DTYPE",
-        choices=DeferredChoices(latent_dtypes),
+        choices=DeferredChoices(literal_choices, "latent_dtype"),
         default="float32",
         help="dtype of the stored mean and std, %(choices)s (default %(default)s)",
     )

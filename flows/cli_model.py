@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flows.cli_common import DeferredChoices
-from tasks.cli_support import model_info, model_presets, objective_names, r_input_choices
+from tasks.cli_support import literal_choices, model_info, model_presets, objective_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--r-input",
         metavar="R_INPUT",
-        choices=DeferredChoices(r_input_choices),
+        choices=DeferredChoices(literal_choices, "r_input"),
         default="interval",
         help="the r_input switch: %(choices)s (default %(default)s)",
     )

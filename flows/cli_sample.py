@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from flows.cli_common import DeferredChoices
-from tasks.cli_support import sampler_names, weights_choices
+from tasks.cli_support import literal_choices
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sampler",
         metavar="SAMPLER",
-        choices=DeferredChoices(sampler_names),
+        choices=DeferredChoices(literal_choices, "sampler"),
         default="one_step",
         help="%(choices)s (default %(default)s). one_step: x0 = e - u(e, 1, 0); two_step: through --t-mid; "
         "euler: --steps Euler steps of the v head; renoise: the consistency sampler of r_input=zero models",
@@ -37,13 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="classifier-free guidance scale (1 = off, the default); needs a run trained with label dropout",
     )
-    p.add_argument(
-        "--weights",
-        metavar="WEIGHTS",
-        choices=DeferredChoices(weights_choices),
-        default="ema",
-        help="%(choices)s: EMA (default) or raw DeepSpeed weights",
-    )
+    _weights_option(p)
     p.add_argument(
         "--out", metavar="PREFIX", help="output prefix: PREFIX.png, PREFIX.npz (default <run>-step<N>-<sampler>)"
     )
@@ -61,15 +55,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("checkpoint_url", metavar="CHECKPOINT", help="<root>/runs/<run>/checkpoints/step-XXXXXXX")
     e.add_argument("out_dir", metavar="DIR", help="output directory (any URL)")
-    e.add_argument(
+    _weights_option(e)
+    e.add_argument("--drop-v-head", action="store_true", help="leave out the v head: 1- and 2-step sampling only")
+    e.set_defaults(func=run_export)
+
+
+def _weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--weights",
         metavar="WEIGHTS",
-        choices=DeferredChoices(weights_choices),
+        choices=DeferredChoices(literal_choices, "weights"),
         default="ema",
         help="%(choices)s: EMA (default) or raw DeepSpeed weights",
     )
-    e.add_argument("--drop-v-head", action="store_true", help="leave out the v head: 1- and 2-step sampling only")
-    e.set_defaults(func=run_export)
 
 
 def run_sample(args: argparse.Namespace) -> int:

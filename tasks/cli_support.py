@@ -44,46 +44,27 @@ def feature_extractor_names() -> list[str]:
     return list(FEATURE_EXTRACTORS)
 
 
-def device_names() -> list[str]:
-    """Where the autoencoder or the ranks run (tasks.config.Device)."""
-    from tasks.config import Device
-
-    return list(get_args(Device))
-
-
-def bad_image_policies() -> list[str]:
-    """What a file that does not decode does to its shard (storage.images.BadImagePolicy)."""
-    from storage.images import BadImagePolicy
-
-    return list(get_args(BadImagePolicy))
-
-
-def latent_dtypes() -> list[str]:
-    """The dtypes a latent store keeps its mean and std in (storage.latents.LatentDtype)."""
-    from storage.latents import LatentDtype
-
-    return list(get_args(LatentDtype))
-
-
-def sampler_names() -> list[str]:
-    """The samplers of dumo_model.samplers (SamplerName)."""
+def literal_choices(option: str) -> list[str]:
+    """The values of the Literal type that declares ``option``'s closed choice: ``device``
+    (tasks.config.Device), ``on_bad_image`` (storage.images.BadImagePolicy), ``latent_dtype``
+    (storage.latents.LatentDtype), ``sampler`` (dumo_model.samplers.SamplerName), ``weights``
+    (tasks.sample.Weights), ``r_input`` (dumo_model.dit.RInput)."""
+    from dumo_model.dit import RInput
     from dumo_model.samplers import SamplerName
-
-    return list(get_args(SamplerName))
-
-
-def weights_choices() -> list[str]:
-    """Which weights of a checkpoint are sampled or exported (tasks.sample.Weights)."""
+    from storage.images import BadImagePolicy
+    from storage.latents import LatentDtype
+    from tasks.config import Device
     from tasks.sample import Weights
 
-    return list(get_args(Weights))
-
-
-def r_input_choices() -> list[str]:
-    """What the network's second time input is (dumo_model.dit.RInput)."""
-    from dumo_model.dit import RInput
-
-    return list(get_args(RInput))
+    declared = {
+        "device": Device,
+        "on_bad_image": BadImagePolicy,
+        "latent_dtype": LatentDtype,
+        "sampler": SamplerName,
+        "weights": Weights,
+        "r_input": RInput,
+    }
+    return list(get_args(declared[option]))
 
 
 # --- refusing a bad input before any flow starts -------------------------------------------------------
