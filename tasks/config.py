@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from dumo_model.dit import model_config
+from dumo_model.dit import DiTConfig, model_config
 from dumo_model.features import FeatureExtractorName
 from dumo_model.objectives import HEADS_OF_OBJECTIVE, Derivative, ObjectiveConfig, ObjectiveName
 from dumo_model.pretrained import TIME_SCALE
@@ -114,6 +114,23 @@ class ModelSection(BaseModel):
     init_format: Literal["auto", "dit", "sit"] = "auto"  # auto: from the file name (DiT-... or SiT-...)
     init_v_head: Literal["checkpoint", "zero"] = "checkpoint"  # the checkpoint's final layer, or zero
     init_u_head: Literal["copy", "zero"] = "copy"  # a copy of the loaded v head, or zero
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_overrides(cls, data: Any) -> Any:
+        """Each DiTConfig field set here checked against, and converted to, the field's type: extra="allow"
+        alone takes any value (model.depth=abc would pass until the network is built)."""
+        if not isinstance(data, dict):
+            return data
+        types = get_type_hints(DiTConfig)
+        out = dict(data)
+        for key, value in data.items():
+            if key in types and key not in cls.model_fields and value is not None:
+                try:
+                    out[key] = TypeAdapter(types[key]).validate_python(value)
+                except ValidationError as exc:
+                    raise ValueError(f"{key} {value!r}: {exc.errors()[0]['msg']}") from None
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:

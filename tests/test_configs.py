@@ -64,11 +64,21 @@ def test_batch_invariant_message_has_the_arithmetic():
         ("eval.samplers=[three_step]", "three_step"),
         ("bogus.key=1", "bogus"),
         ("name=a/b", "run name"),
+        ("model.depth=abc", "depth 'abc': Input should be a valid integer"),
+        ("model.hidden_size=1.5", "hidden_size 1.5: Input should be a valid integer"),
+        ("model.attention=bogus", "attention 'bogus': Input should be 'sdpa' or 'math'"),
     ],
 )
 def test_bad_values_are_named(override, needle):
     with pytest.raises(ValidationError, match=needle.replace(".", r"\.").replace("/", "/")):
         load_config("demo", [override])
+
+
+def test_model_overrides_take_the_types_of_the_network_fields():
+    cfg = load_config("demo", ["model.depth=6.0", "model.mlp_ratio=3", "model.grad_checkpointing=true"])
+    assert cfg.model.overrides["depth"] == 6 and type(cfg.model.overrides["depth"]) is int
+    assert type(cfg.model.overrides["mlp_ratio"]) is float and cfg.model.overrides["grad_checkpointing"] is True
+    assert load_config("demo", ["model.time_scale=null"]).model.overrides["time_scale"] is None  # unset: the default
 
 
 def test_overrides_parse_yaml_values_and_missing_preset_lists_presets():
