@@ -31,6 +31,7 @@ from prefect_dask import DaskTaskRunner
 from tasks.config import DataConfig, Device
 from tasks.encode import (
     BadImagePolicy,
+    BuiltStore,
     PreparedStore,
     SourcePlan,
     encode_shard_for,
@@ -187,7 +188,7 @@ def build_latents(
     processes: bool = True,
     batch_size: int | None = None,
     worker_resources: dict[str, float] | None = None,
-) -> dict[str, Any]:
+) -> BuiltStore:
     """Encode the class-folder image tree at ``source`` into the latent store at ``store``.
 
     Args:
@@ -200,7 +201,8 @@ def build_latents(
         batch_size: images per autoencoder call (default: the autoencoder's).
         worker_resources: Dask resources per encode task; default ``{"GPU": 1}`` with device cuda, else none.
 
-    Returns a summary: the store URL, rows, shards encoded in this run, skipped files, seconds.
+    Returns what it did (BuiltStore): the store URL, rows, shards encoded now and found cached, the store's
+    report (skipped files), seconds.
     """
     logger = get_run_logger()
     t0 = time.perf_counter()
@@ -211,14 +213,7 @@ def build_latents(
             " nothing to encode (the source was not listed again; delete the store to rebuild it). Its bytes are"
             f" checked against their checksums when read; `dumo verify-store {store}` checks them all now"
         )
-        return {
-            "store": store,
-            "num_rows": status["num_rows"],
-            "shards_encoded": 0,
-            "shards_cached": 0,
-            "report": status["report"],
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+        return BuiltStore(store, status["num_rows"], 0, 0, status["report"], round(time.perf_counter() - t0, 3))
     plan = plan_shards(source, data.shard_size)
     prepared = prepare_store(store, plan, data)
     worker_resources = task_resources(data.device, worker_resources)
@@ -231,14 +226,7 @@ def build_latents(
     encoded = sum(1 for r in results if r["encoded"] and not r["cached"])
     cached = sum(1 for r in results if r["cached"])
     logger.info(f"build-latents: {store} complete, {report['num_rows']} rows in {seconds:.1f} s")
-    return {
-        "store": store,
-        "num_rows": report["num_rows"],
-        "shards_encoded": encoded,
-        "shards_cached": cached,
-        "report": report,
-        "seconds": round(seconds, 3),
-    }
+    return BuiltStore(store, report["num_rows"], encoded, cached, report, round(seconds, 3))
 
 
 def run_build_latents(
@@ -249,7 +237,7 @@ def run_build_latents(
     batch_size: int | None = None,
     worker_resources: dict[str, float] | None = None,
     **data: Any,
-) -> dict[str, Any]:
+) -> BuiltStore:
     """The flow with the fields of its DataConfig as keywords (``resolution=8, shard_size=4``), for tests and
     benchmarks; a subflow when called inside another flow."""
     return build_latents(source, store, DataConfig(**data), threads_per_worker, processes, batch_size, worker_resources)

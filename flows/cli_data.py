@@ -137,5 +137,5 @@ def run_build_latents(args: argparse.Namespace) -> int:
     summary = build_latents(
         args.source, args.store, data, threads_per_worker=args.threads_per_worker, batch_size=args.batch_size
     )
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary.to_json(), indent=1))
     return 0

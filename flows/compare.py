@@ -24,7 +24,7 @@ def compare_objectives(config: str | PipelineConfig = "demo", overrides: list[st
     uses the whole machine). Re-running resumes unfinished arms and reuses finished ones and their metrics."""
     cfg = config_of(config, overrides)
     build = build_store(cfg.root, cfg.data)  # first: compute budgets count FLOPs on the store's latent shape
-    arms = arm_configs(cfg, store_shape(build["store"]))
+    arms = arm_configs(cfg, store_shape(build.store))
     check_identical(arms)  # before anything trains
     logger = get_run_logger()
     logger.info(

@@ -16,12 +16,13 @@ from prefect import flow, get_run_logger
 
 from flows.build_latents import build_latents
 from tasks.config import DataConfig, EvalConfig, PipelineConfig, config_of
+from tasks.encode import BuiltStore
 from tasks.evaluate import evaluate_checkpoint, evaluate_checkpoint_task
 from tasks.pipeline import locate_data_task, summarize_task
 from tasks.train import train_task
 
 
-def build_store(root: str, data: DataConfig) -> dict[str, Any]:
+def build_store(root: str, data: DataConfig) -> BuiltStore:
     """The latent store of ``data`` under ``root``, built (or found complete) from its images."""
     where = locate_data_task(root, data)
     return build_latents(where.source, where.store, data)

@@ -13,7 +13,7 @@ shards. The shard records in the store stay the truth: ``finalize`` checks them,
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,22 @@ class PreparedStore:
     num_rows: int
     num_shards: int
     recorded: frozenset[int]
+
+
+@dataclass(frozen=True)
+class BuiltStore:
+    """What a build-latents run did: the complete store, its rows, the shards it encoded now and those its
+    cache already held (both 0 when the store was complete before), the store's report, the wall time."""
+
+    store: str
+    num_rows: int
+    shards_encoded: int
+    shards_cached: int
+    report: dict[str, Any]  # the store's attrs["report"] (storage.latents.finalize)
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # Only encode_shard is cached; the other tasks are cheap, and hashing a plan (every source file) is not.

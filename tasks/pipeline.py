@@ -14,6 +14,7 @@ from storage import fs, images, metrics
 from storage.layout import Root, RunLayout
 from storage.train_log import loss_headline
 from tasks.config import DataConfig
+from tasks.encode import BuiltStore
 from tasks.eval_record import EvalRecord
 from tasks.train import TrainResult
 
@@ -56,13 +57,13 @@ def _final_losses(train: TrainResult) -> str:
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
-def summarize_task(name: str, build: dict[str, Any], train: TrainResult, record: EvalRecord) -> dict[str, Any]:
+def summarize_task(name: str, build: BuiltStore, train: TrainResult, record: EvalRecord) -> dict[str, Any]:
     """The summary of run ``name``, also published as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
     table = metrics.format_table(record.to_json())
     text = (
-        f"## dumo run `{name}`\n\nstore `{build['store']}` ({build['num_rows']} rows); "
+        f"## dumo run `{name}`\n\nstore `{build.store}` ({build.num_rows} rows); "
         f"trained to step {train.step} ({_final_losses(train)}, "
         f"{train.steps_per_s:.2f} steps/s); checkpoint `{train.checkpoint_url}`\n\n{table}\n"
     )
@@ -70,7 +71,7 @@ def summarize_task(name: str, build: dict[str, Any], train: TrainResult, record:
     create_markdown_artifact(markdown=text, key=key, description=f"dumo run {name}")
     return {
         "run": name,
-        "store": build["store"],
+        "store": build.store,
         "checkpoint_url": train.checkpoint_url,
         "step": train.step,
         "final_loss": train.final_loss,

@@ -58,7 +58,7 @@ def test_local_build_round_trip_and_rerun_encodes_nothing(digits_dir: str, tmp_p
     store = str(tmp_path / "latents" / "digits.zarr")
     before = _encoded()
     summary = run_build_latents(digits_dir, store, resolution=8, shard_size=256, **THREADS)
-    assert summary["num_rows"] == 1797 and summary["shards_encoded"] == 8
+    assert summary.num_rows == 1797 and summary.shards_encoded == 8
     assert _encoded() - before == 1797  # every image encoded exactly once (with its mirror, in one call)
     # no two tasks wrote the same shard: exactly one object per shard and array
     assert _shard_keys(store, "mean") == {f"c/{i}/0/0/0/0" for i in range(8)}
@@ -79,7 +79,7 @@ def test_local_build_round_trip_and_rerun_encodes_nothing(digits_dir: str, tmp_p
 
     before = _encoded()
     again = run_build_latents(digits_dir, store, resolution=8, shard_size=256, **THREADS)
-    assert again["shards_encoded"] == 0 and _encoded() == before
+    assert again.shards_encoded == 0 and _encoded() == before
 
 
 def test_interrupted_build_resumes_only_the_missing_shards(digits_dir: str, tmp_path) -> None:
@@ -103,8 +103,8 @@ def test_interrupted_build_resumes_only_the_missing_shards(digits_dir: str, tmp_
         f.write(good_bytes)
     before = _encoded()
     summary = run_build_latents(src, store, resolution=8, shard_size=256, **THREADS)
-    assert summary["shards_encoded"] == 2 and _encoded() - before == 2 * 256  # shards 2 and 5 only
-    assert summary["shards_cached"] == 6  # the others hit the Prefect cache (inputs + task source)
+    assert summary.shards_encoded == 2 and _encoded() - before == 2 * 256  # shards 2 and 5 only
+    assert summary.shards_cached == 6  # the others hit the Prefect cache (inputs + task source)
     after = latents.shard_records(store)
     for i in (0, 1, 3, 4, 6, 7):  # finished shards untouched
         assert after[i] == records[i]
@@ -123,7 +123,7 @@ def test_corrupt_jpeg_fails_naming_it_then_skip_lists_it(rgb_dir: str, tmp_path)
     with pytest.raises(Exception, match=r"n02/n02_9\.JPEG"):
         run_build_latents(src, store, resolution=16, shard_size=4, **THREADS)
     summary = run_build_latents(src, store, resolution=16, shard_size=4, on_bad_image="skip", **THREADS)
-    report = summary["report"]
+    report = summary.report
     assert report["num_skipped"] == 1 and report["num_valid"] == 12
     (skipped,) = report["skipped"]
     assert skipped["source"] == "n02/n02_9.JPEG" and skipped["row"] == 8
@@ -137,7 +137,7 @@ def test_s3_source_and_store_round_trip(rgb_dir: str, s3_bucket: str, moto_endpo
     upload_dir(rgb_dir, f"{s3_bucket}/train")
     store = f"{s3_bucket}/latents/rgb.zarr"
     summary = run_build_latents(f"{s3_bucket}/train", store, resolution=16, shard_size=4, **THREADS)
-    assert summary["num_rows"] == 12 and summary["shards_encoded"] == 3
+    assert summary.num_rows == 12 and summary.shards_encoded == 3
     assert _shard_keys(store, "mean") == {f"c/{i}/0/0/0/0" for i in range(3)}
     fs, _ = filesystem(s3_bucket)
     assert fs.find(f"{s3_bucket[5:]}/cache/results")  # the result cache lives on the same root
@@ -147,7 +147,7 @@ def test_s3_source_and_store_round_trip(rgb_dir: str, s3_bucket: str, moto_endpo
     x, y = LatentDataset(store, seed=0).global_batch(0, 4)
     assert x.shape == (4, 3, 16, 16) and set(y.tolist()) <= {0, 1, 2}
     before = _encoded()
-    assert run_build_latents(f"{s3_bucket}/train", store, resolution=16, shard_size=4)["shards_encoded"] == 0
+    assert run_build_latents(f"{s3_bucket}/train", store, resolution=16, shard_size=4).shards_encoded == 0
     assert _encoded() == before
 
 
@@ -165,7 +165,7 @@ def test_sd_vae_in_worker_processes(rgb_dir: str, tiny_vae_dir: str, tmp_path) -
         workers=2,
         processes=True,  # the default: one process per worker
     )
-    assert summary["shards_encoded"] == 3
+    assert summary.shards_encoded == 3
     group = zarr.open_group(store, mode="r")
     attrs = group.attrs.asdict()
     assert attrs["latent_shape"] == [4, 8, 8] and attrs["latent_scale"] == autoencoders.SD_VAE_LATENT_SCALE

@@ -77,7 +77,7 @@ def test_gpu_resource_and_one_autoencoder_per_worker(cluster: ExternalCluster, r
         device="cpu",  # what device="cuda" asks for by default, on a machine without one
     )
     summary = build_latents(rgb_dir, store, data, worker_resources={"GPU": 1})
-    assert summary["num_rows"] == 8 and summary["shards_encoded"] == 4
+    assert summary.num_rows == 8 and summary.shards_encoded == 4
     records = latents.shard_records(store)
     gpu_pid = cluster.workers["gpu-0"].pid
     assert {r["pid"] for r in records} == {gpu_pid}  # only the worker that has the resource ran them
@@ -122,7 +122,7 @@ def test_worker_killed_mid_build(cluster: ExternalCluster, tmp_path) -> None:
     assert "cpu-0" not in cluster.workers
 
     # every row, every checksum (finalize re-read and checked every shard before setting complete)
-    assert summary["num_rows"] == 1797 and latents.is_complete(store)
+    assert summary.num_rows == 1797 and latents.is_complete(store)
     assert all(latents.verify_shard(store, i) is None for i in range(NUM_SHARDS))
     records = latents.shard_records(store)
     survivor_pid = cluster.workers[survivor].pid

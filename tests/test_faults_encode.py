@@ -51,5 +51,5 @@ def test_a_sigkilled_encode_resumes_with_only_the_missing_shards(tmp_path):
     done = _recorded(store)
     assert 3 <= done < 29 and not latents.is_complete(store)
     summary = run_build_latents(source, store, resolution=8, shard_size=SHARD, workers=1, processes=False)
-    assert summary["shards_encoded"] == 29 - done  # the killed run's shards are not encoded again
+    assert summary.shards_encoded == 29 - done  # the killed run's shards are not encoded again
     assert latents.is_complete(store) and latents.verify(store) == []

@@ -99,4 +99,4 @@ def test_a_bad_image_under_both_policies_across_dask_worker_processes(tmp_path) 
     with pytest.raises(RuntimeError, match=r"^1 of 3 shards failed: bad image file .*b/1\.png"):
         run_build_latents(str(src), store, resolution=8, shard_size=2, **processes)
     summary = run_build_latents(str(src), store, resolution=8, shard_size=2, on_bad_image="skip", **processes)
-    assert summary["report"]["num_skipped"] == 1 and summary["report"]["skipped"][0]["source"] == "b/1.png"
+    assert summary.report["num_skipped"] == 1 and summary.report["skipped"][0]["source"] == "b/1.png"
