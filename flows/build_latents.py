@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import dask
@@ -33,6 +34,7 @@ from tasks.encode import (
     BadImagePolicy,
     BuiltStore,
     PreparedStore,
+    ShardResult,
     SourcePlan,
     encode_shard_for,
     expected_attrs,
@@ -131,7 +133,7 @@ def encode_shards(
     batch_size: int | None = None,
     device: Device | None = None,
     worker_resources: dict[str, float] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[ShardResult]:
     """One encode task per shard on ``runner`` (started), with progress as shards finish. Every shard runs
     to its end; then the failures, if any, are raised together. A plain function, not a subflow: a subflow's
     parameters go to the Prefect API, and a plan lists every source file (1.28M for ImageNet).
@@ -164,19 +166,19 @@ def encode_shards(
             logger.error(f"shard failed ({k}/{num_shards}): {result}")
             continue
         cached = future.state.name == "Cached"
-        results.append({**result, "cached": cached})
-        done_rows += result["rows"]
-        encoded_rows += 0 if cached or not result["encoded"] else result["rows"]
+        results.append(replace(result, cached=cached))
+        done_rows += result.rows
+        encoded_rows += 0 if cached or not result.encoded else result.rows
         rate = encoded_rows / max(time.perf_counter() - t0, 1e-9)
-        how = "cached" if cached else ("encoded" if result["encoded"] else "already in store")
+        how = "cached" if cached else ("encoded" if result.encoded else "already in store")
         logger.info(
-            f"shard {result['index']} {how} ({k}/{num_shards} done), {done_rows}/{total_rows} rows,"
+            f"shard {result.index} {how} ({k}/{num_shards} done), {done_rows}/{total_rows} rows,"
             f" {rate:.0f} rows/s encoded"
         )
     if failures:
         shown = "; ".join(str(f) for f in failures[:5])
         raise RuntimeError(f"{len(failures)} of {num_shards} shards failed: {shown}")
-    return sorted(results, key=lambda r: r["index"])
+    return sorted(results, key=lambda r: r.index)
 
 
 @flow(name="build-latents")
@@ -223,8 +225,8 @@ def build_latents(
         results = encode_shards(runner, prepared, plan, data.on_bad_image, batch_size, data.device, worker_resources)
     report = finalize_store(store)
     seconds = time.perf_counter() - t0
-    encoded = sum(1 for r in results if r["encoded"] and not r["cached"])
-    cached = sum(1 for r in results if r["cached"])
+    encoded = sum(1 for r in results if r.encoded and not r.cached)
+    cached = sum(1 for r in results if r.cached)
     logger.info(f"build-latents: {store} complete, {report['num_rows']} rows in {seconds:.1f} s")
     return BuiltStore(store, report["num_rows"], encoded, cached, report, round(seconds, 3))
 

@@ -75,6 +75,19 @@ class PreparedStore:
 
 
 @dataclass(frozen=True)
+class ShardResult:
+    """What one encode task did: shard ``index`` holds ``rows`` rows (``skipped`` files left out); ``encoded``
+    False when an earlier run had written it (its record proves it). ``cached``: the flow's mark of a result
+    that Prefect's cache returned without running the task."""
+
+    index: int
+    rows: int
+    skipped: int
+    encoded: bool
+    cached: bool = False
+
+
+@dataclass(frozen=True)
 class BuiltStore:
     """What a build-latents run did: the complete store, its rows, the shards it encoded now and those its
     cache already held (both 0 when the store was complete before), the store's report, the wall time."""
@@ -187,17 +200,17 @@ def encode_shard(
     source_url: str,
     batch_size: int | None = None,
     device: Device | None = None,
-) -> dict[str, Any]:
-    """Encode one shard's images and write them as one whole Zarr shard, then its record. Returns a small
-    dict. The cache key is the rest of the inputs: the target (``store_id``, ``autoencoder_identity`` and
-    ``preprocessing`` are there for it alone), the shard and the bad-image policy. ``source_url``,
+) -> ShardResult:
+    """Encode one shard's images and write them as one whole Zarr shard, then its record. The cache key is
+    the rest of the inputs: the target (``store_id``, ``autoencoder_identity`` and ``preprocessing`` are
+    there for it alone), the shard and the bad-image policy. ``source_url``,
     ``batch_size`` and ``device`` are left out: the shard's files stand for the source, and the other two
     change how a shard is encoded, not which one."""
     store_url, shard_index, files = target.store_url, shard.index, shard.files
     record = latents.shard_record(store_url, shard_index)
     if record and record.get("source_fingerprint") == shard.fingerprint:
         # written by an earlier run whose cached result is gone: the record is the proof
-        return {"index": shard_index, "rows": len(files), "skipped": len(record["skipped"]), "encoded": False}
+        return ShardResult(shard_index, len(files), len(record["skipped"]), encoded=False)
     extra = {"source_fingerprint": shard.fingerprint}
     record = autoencoders.encode_shard(
         store_url, shard_index, source_url, files, target.autoencoder, on_bad_image, batch_size, extra, device
@@ -208,7 +221,7 @@ def encode_shard(
     seconds = record["encode_seconds"]
     rate = len(files) / max(seconds, 1e-3)
     logger.info(f"shard {shard_index}: {len(files)} rows encoded in {seconds:.2f} s ({rate:.0f} rows/s)")
-    return {"index": shard_index, "rows": len(files), "skipped": len(record["skipped"]), "encoded": True}
+    return ShardResult(shard_index, len(files), len(record["skipped"]), encoded=True)
 
 
 def encode_shard_for(store_url: str, refresh_cache: bool = False) -> Task:
