@@ -9,7 +9,7 @@ Which module is which (a newcomer's map; tests/test_layout_rules.py keeps the im
   every evaluation scores against);
 - no Prefect, run inside each DeepSpeed rank process: ``ranks/`` (``python -m tasks.ranks``);
 - no Prefect, one process: ``sample`` and ``export`` (``dumo sample`` / ``dumo export``), ``modeling`` (the
-  network of a run);
+  network of a run, and the check that a run can continue from a checkpoint);
 - shared: ``config`` and ``config_files`` (the typed config and its presets), ``eval_record`` (what an
   evaluation measured, as metrics.json holds it), ``run_context`` (am I inside a
   Prefect run?), ``progress``, ``retry``, ``artifacts``;

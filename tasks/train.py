@@ -391,8 +391,9 @@ def _launch(
 def train_task(
     cfg: PipelineConfig, node: NodeLaunch | None = None, on_checkpoint: Callable[[str, int], None] | None = None
 ) -> TrainResult:
-    """Prefect task over ``train_run``. No retries: training resumes by itself when run again. The loss curve
-    is published as an artifact the UI shows."""
+    """Prefect task over ``train_run`` (``on_checkpoint(url, step)`` after each commit: the pipeline's inline
+    evaluation). No retries: training resumes by itself when run again. The loss curve is published as an
+    artifact the UI shows."""
     result = train_run(cfg, on_checkpoint, node)
     publish_loss_curve(RunLayout.of_url(result.run_url))
     return result
