@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator, Sequence
 
+from tasks.cli_support import literal_choices
 from tasks.config_files import config_presets
 
 
@@ -34,6 +35,16 @@ class DeferredChoices(Sequence[str]):
 
     def __contains__(self, value: object) -> bool:
         return value in self._all()
+
+
+def add_choice(
+    parser: argparse.ArgumentParser, flag: str, declared: str, help: str, default: str | None = None
+) -> None:
+    """``flag`` taking one of the values of the Literal type that declares ``declared`` (a key of
+    tasks.cli_support.literal_choices), read when argparse first looks; ``%(choices)s`` in ``help`` lists them."""
+    parser.add_argument(
+        flag, metavar=declared.upper(), choices=DeferredChoices(literal_choices, declared), default=default, help=help
+    )
 
 
 def add_config(parser: argparse.ArgumentParser, *flags: str, **kwargs) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from flows.cli_common import DeferredChoices
-from tasks.cli_support import autoencoder_names, literal_choices
+from flows.cli_common import DeferredChoices, add_choice
+from tasks.cli_support import autoencoder_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,11 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="A",
         help="scheduler address of an existing Dask cluster to use instead of a local one",
     )
-    p.add_argument(
+    add_choice(
+        p,
         "--device",
-        metavar="DEVICE",
-        choices=DeferredChoices(literal_choices, "device"),
-        help="where the autoencoder runs, %(choices)s (default: cuda when a worker sees one); cuda makes each encode"
+        "device",
+        "where the autoencoder runs, %(choices)s (default: cuda when a worker sees one); cuda makes each encode"
         " task take one GPU resource: start GPU workers with `dask worker ADDRESS --resources GPU=1`",
     )
     p.add_argument(
@@ -74,20 +74,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve the local cluster's Dask dashboard there (e.g. :8787, or 127.0.0.1:0 for a free port); "
         "default: no dashboard",
     )
-    p.add_argument(
+    add_choice(
+        p,
         "--on-bad-image",
-        metavar="POLICY",
-        choices=DeferredChoices(literal_choices, "on_bad_image"),
-        default="fail",
-        help="a file that does not decode (%(choices)s): fail its shard (default), or skip it and list it in the"
+        "on_bad_image",
+        "a file that does not decode (%(choices)s): fail its shard (default), or skip it and list it in the"
         " store's report",
+        default="fail",
     )
-    p.add_argument(
+    add_choice(
+        p,
         "--latent-dtype",
-        metavar="DTYPE",
-        choices=DeferredChoices(literal_choices, "latent_dtype"),
+        "latent_dtype",
+        "dtype of the stored mean and std, %(choices)s (default %(default)s)",
         default="float32",
-        help="dtype of the stored mean and std, %(choices)s (default %(default)s)",
     )
     p.add_argument(
         "--batch-size",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli_common import DeferredChoices
-from tasks.cli_support import literal_choices, model_info, model_presets, objective_names
+from flows.cli_common import DeferredChoices, add_choice
+from tasks.cli_support import model_info, model_presets, objective_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="which variant (%(choices)s; default %(default)s): dumo has two heads, meanflow a u head on (t, r), "
         "flow_matching is a plain DiT",
     )
-    p.add_argument(
+    add_choice(
+        p,
         "--r-input",
-        metavar="R_INPUT",
-        choices=DeferredChoices(literal_choices, "r_input"),
+        "r_input",
+        "the r_input switch: %(choices)s (default %(default)s)",
         default="interval",
-        help="the r_input switch: %(choices)s (default %(default)s)",
     )
     p.set_defaults(func=run)
 

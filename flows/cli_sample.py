@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli_common import DeferredChoices
-from tasks.cli_support import literal_choices
+from flows.cli_common import add_choice
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", help="comma-separated class indices, e.g. 0,3,7 (default: every class)")
     p.add_argument("--per-class", type=int, default=8, metavar="N", help="images per class (default 8)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument(
+    add_choice(
+        p,
         "--sampler",
-        metavar="SAMPLER",
-        choices=DeferredChoices(literal_choices, "sampler"),
-        default="one_step",
-        help="%(choices)s (default %(default)s). one_step: x0 = e - u(e, 1, 0); two_step: through --t-mid; "
+        "sampler",
+        "%(choices)s (default %(default)s). one_step: x0 = e - u(e, 1, 0); two_step: through --t-mid; "
         "euler: --steps Euler steps of the v head; renoise: the consistency sampler of r_input=zero models",
+        default="one_step",
     )
     p.add_argument("--steps", type=int, default=1, metavar="N", help="steps of euler and renoise (default 1)")
     p.add_argument("--t-mid", type=float, default=0.5, help="intermediate time of two_step (default 0.5)")
@@ -61,12 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _weights_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    add_choice(
+        parser,
         "--weights",
-        metavar="WEIGHTS",
-        choices=DeferredChoices(literal_choices, "weights"),
+        "weights",
+        "%(choices)s: EMA (default) or raw DeepSpeed weights",
         default="ema",
-        help="%(choices)s: EMA (default) or raw DeepSpeed weights",
     )
 
 
