@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         layout = Root(args.root).run(args.run)
-        cfg = config_from_yaml_text(fs.read_text(layout.config))
+        config_yaml = fs.read_text(layout.config)  # read once: parsed here, carried into each checkpoint as is
+        cfg = config_from_yaml_text(config_yaml)
         os.environ.setdefault("DS_ACCELERATOR", cfg.train.device)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown the trainer's
-        trainer = Trainer(cfg, layout, env)
+        trainer = Trainer(cfg, config_yaml, layout, env)
         trainer.run()
     except BaseException:
         if os.environ.get("DUMO_ERROR_DIR"):  # the parent quotes the first failing rank's traceback

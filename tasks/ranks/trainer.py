@@ -23,7 +23,6 @@ from dumo_model.dit import DualHeadDiT
 from dumo_model.ema import EMA
 from dumo_model.objectives import Objective
 from storage import checkpoints as ckpts
-from storage import fs
 from storage.latent_dataset import LatentDataset
 from storage.layout import Root, RunLayout
 from tasks.config import PipelineConfig
@@ -58,7 +57,8 @@ def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.de
 
 
 class Trainer:
-    def __init__(self, cfg: PipelineConfig, layout: RunLayout, env: RankEnv):
+    def __init__(self, cfg: PipelineConfig, config_yaml: str, layout: RunLayout, env: RankEnv):
+        """``cfg`` parsed from ``config_yaml``, the run's config.yaml, which each checkpoint carries as is."""
         self.cfg, self.t, self.layout, self.env = cfg, cfg.train, layout, env
         self.dist = Distributed(env, self.t, layout.url)
         self.device = self.dist.device
@@ -71,7 +71,7 @@ class Trainer:
         )
         self.ds.steps_per_epoch(self.t.batch_size_global)  # fails now if the store is smaller than a batch
         self.model_cfg = dit_config(cfg.model, cfg.heads, self.ds.latent_shape, self.ds.num_classes)
-        self.config_yaml = fs.read_text(layout.config)
+        self.config_yaml = config_yaml
 
     def run(self) -> None:
         t = self.t
